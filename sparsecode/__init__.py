@@ -1,0 +1,54 @@
+"""sparsecode: classical sparse coding and sparse autoencoders on the Python array API.
+
+Shapes everywhere: ``X`` is ``(n_samples, n_features)``, the dictionary ``D`` is
+``(n_atoms, n_features)`` (one atom per row), codes ``A`` are ``(n_samples, n_atoms)``,
+``X ~ A @ D``.
+"""
+
+from importlib import import_module as _import_module
+
+from .backend import available_backends, to_numpy
+from .prox import hard_threshold, nonneg_soft_threshold, soft_threshold, top_k
+from .result import ConvergenceHistory, SparseCodingResult
+from .lasso import duality_gap, fista, ista, lasso_objective, lipschitz_constant
+from .encode import sparse_encode
+
+__version__ = "0.1.0"
+
+# Modules with heavier or optional imports load on first use.
+_LAZY = {
+    "matching_pursuit": "sparsecode.pursuits",
+    "omp": "sparsecode.pursuits",
+    "iht": "sparsecode.pursuits",
+    "learn_dictionary": "sparsecode.dictionary",
+    "learn_dictionary_online": "sparsecode.dictionary",
+    "DictionaryLearning": "sparsecode.dictionary",
+    "SparseEncoder": "sparsecode.dictionary",
+    "ActivationStore": "sparsecode.store",
+    "SparseAutoencoder": "sparsecode.sae",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(_import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparsecode' has no attribute {name!r}")
+
+
+__all__ = [
+    "available_backends",
+    "to_numpy",
+    "soft_threshold",
+    "nonneg_soft_threshold",
+    "hard_threshold",
+    "top_k",
+    "ConvergenceHistory",
+    "SparseCodingResult",
+    "ista",
+    "fista",
+    "lasso_objective",
+    "duality_gap",
+    "lipschitz_constant",
+    "sparse_encode",
+    *_LAZY,
+]

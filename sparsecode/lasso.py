@@ -1,0 +1,472 @@
+"""ISTA and FISTA for the Lasso, batched over samples, with certified stopping.
+
+Problem, per sample ``x`` (a row of ``X``)::
+
+    min_a  0.5 * ||x - a @ D||_2^2 + sum_j alpha_j * |a_j|        (a >= 0 if positive)
+
+with ``D`` of shape (n_atoms, n_features), atoms as rows; ``alpha`` a scalar (the same
+quantity as scikit-learn's ``sparse_encode(alpha=...)`` for ``lasso_cd``) or one weight per
+atom. The reported objective is this per-sample value; means are taken over samples.
+
+Certificate: for a residual ``r = x - a @ D`` the dual point ``theta = s * r`` with the
+largest ``s <= 1`` such that ``|d_j . theta| <= alpha_j`` (only ``d_j . theta <= alpha_j``
+when positive) is feasible for the dual ``max_theta 0.5||x||^2 - 0.5||x - theta||^2``, so
+
+    gap = P(a) - (0.5||x||^2 - 0.5||x - theta||^2) >= P(a) - P(a*) >= 0.
+
+A sample has converged when ``gap <= tol * P(a)`` (relative gap). With ``alpha = 0`` the dual
+feasible set is ``{theta : D theta = 0}`` and the certificate is only as good as that.
+
+Step size ``1/L``, ``L = ||D||_2^2``, by power iteration (:func:`lipschitz_constant`) unless
+given, or found by backtracking. Gradient of the smooth part, in two equivalent forms::
+
+    Gram:      A @ G - X @ D.T,   G = D @ D.T        cost per iteration  n * k^2
+    explicit:  (A @ D - X) @ D.T                      cost per iteration  2 * n * k * f
+
+``gradient="auto"`` picks the cheaper one (Gram when ``n_atoms <= 2 * n_features``).
+
+Samples that converge are removed from the working batch at each check, so a batch of easy
+and hard signals costs what the hard ones need.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from .backend import (
+    array_namespace,
+    asarray_like,
+    check_array,
+    check_dictionary_problem,
+    check_scalar,
+    to_numpy,
+)
+from .result import ConvergenceHistory, SparseCodingResult
+
+__all__ = ["ista", "fista", "lasso_objective", "duality_gap", "lipschitz_constant", "alpha_max"]
+
+
+# --------------------------------------------------------------------------- Lipschitz
+def lipschitz_constant(D, *, n_iter: int = 1000, tol: float = 1e-10, seed: int = 0, safety: float = 1.0):
+    """``||D||_2^2``, the largest eigenvalue of ``D @ D.T``, by power iteration.
+
+    Iterates on the smaller of ``D @ D.T`` (n_atoms) and ``D.T @ D`` (n_features), from a
+    seeded Gaussian start (deterministic), until the Rayleigh quotient changes by less than
+    ``tol`` relatively. The quotient approaches the eigenvalue from below; ``safety`` (>= 1)
+    multiplies the estimate so that a step ``1/L`` stays safe. Returns a Python float
+    (0.0 for an all-zero dictionary).
+    """
+    xp = array_namespace(D, names=("D",))
+    D = check_array(D, "D", ndim=2, xp=xp)
+    n_iter = check_scalar(n_iter, "n_iter", low=1, integer=True)
+    tol = check_scalar(tol, "tol", low=0)
+    safety = check_scalar(safety, "safety", low=1.0)
+    k, f = D.shape
+    work64 = D if D.dtype == xp.float64 else xp.astype(D, xp.float64)
+    M = work64 @ work64.T if k <= f else work64.T @ work64
+    rng = np.random.default_rng(seed)
+    v = asarray_like(rng.standard_normal(M.shape[0]), work64)
+    v = v / xp.linalg.vector_norm(v)
+    lam = 0.0
+    for _ in range(n_iter):
+        w = M @ v
+        new = float(xp.sum(v * w))
+        nrm = float(xp.linalg.vector_norm(w))
+        if nrm == 0.0:
+            return 0.0
+        v = w / nrm
+        if abs(new - lam) <= tol * abs(new):
+            lam = new
+            break
+        lam = new
+    return float(lam) * safety
+
+
+def alpha_max(X, D, positive: bool = False) -> float:
+    """Smallest ``alpha`` for which all codes are zero: ``max |X @ D.T|`` (``max X @ D.T`` if positive)."""
+    xp, X2, D, _ = check_dictionary_problem(X, D)
+    C = X2 @ D.T
+    return float(xp.max(C)) if positive else float(xp.max(xp.abs(C)))
+
+
+# --------------------------------------------------------------------------- objective & gap
+def _alpha_array(alpha, D, xp, name="alpha"):
+    """Validated penalty: a float, or a (1, n_atoms) array in D's namespace."""
+    n_atoms = D.shape[0]
+    if isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool):
+        a = float(alpha)
+        if not np.isfinite(a) or a < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {alpha!r}")
+        return a
+    a_np = to_numpy(alpha) if hasattr(alpha, "__array_namespace__") else np.asarray(alpha)
+    if a_np.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a number or an array of numbers, got dtype {a_np.dtype}")
+    if a_np.ndim != 1 or a_np.shape[0] != n_atoms:
+        raise ValueError(f"{name} must be a number or have shape ({n_atoms},) (one per atom), got {a_np.shape}")
+    if not np.all(np.isfinite(a_np)) or np.any(a_np < 0):
+        raise ValueError(f"{name} must be finite and >= 0 everywhere")
+    return xp.reshape(asarray_like(a_np, D), (1, n_atoms))
+
+
+def _l1(A, alpha, xp):
+    return xp.sum(xp.abs(A) * alpha, axis=1) if not isinstance(alpha, float) else alpha * xp.sum(xp.abs(A), axis=1)
+
+
+def _primal_dual(X, D, A, alpha, positive, xp, R=None):
+    """Per-sample primal objective and absolute duality gap (see module docstring)."""
+    if R is None:
+        R = X - A @ D  # residual
+    C = R @ D.T  # correlations D r, (n, k)
+    half_r2 = 0.5 * xp.sum(R * R, axis=1)
+    primal = half_r2 + _l1(A, alpha, xp)
+    C_con = C if positive else xp.abs(C)
+    # largest s in [0, 1] with s * C_con <= alpha  (entries with C_con <= 0 do not constrain)
+    pos = C_con > 0
+    safe = xp.where(pos, C_con, xp.ones_like(C_con))
+    ratio = xp.where(pos, alpha / safe, xp.full_like(C_con, float("inf")))
+    s = xp.minimum(xp.min(ratio, axis=1), xp.ones_like(half_r2))
+    # dual(theta) with theta = s r:  0.5||x||^2 - 0.5||x - s r||^2
+    diff = X - s[:, None] * R
+    dual = 0.5 * xp.sum(X * X, axis=1) - 0.5 * xp.sum(diff * diff, axis=1)
+    gap = primal - dual
+    gap = xp.maximum(gap, xp.zeros_like(gap))  # rounding can make a zero gap slightly negative
+    return primal, gap
+
+
+def lasso_objective(X, D, A, alpha, positive: bool = False):
+    """Per-sample Lasso objective ``0.5||x - a @ D||^2 + alpha * ||a||_1``, shape (n_samples,).
+
+    Returns ``inf`` for samples whose codes violate ``a >= 0`` when ``positive``.
+    """
+    xp, X2, D, single = check_dictionary_problem(X, D)
+    A2 = _check_codes(A, X2, D, xp, "A")
+    alpha = _alpha_array(alpha, D, xp)
+    R = X2 - A2 @ D
+    obj = 0.5 * xp.sum(R * R, axis=1) + _l1(A2, alpha, xp)
+    if positive:
+        bad = xp.any(A2 < 0, axis=1)
+        obj = xp.where(bad, xp.full_like(obj, float("inf")), obj)
+    return obj[0] if single else obj
+
+
+def duality_gap(X, D, A, alpha, positive: bool = False, relative: bool = False):
+    """Per-sample duality gap of codes ``A`` (absolute, or divided by the objective).
+
+    An upper bound on ``P(a) - P(a*)``, certified without knowing ``a*``.
+    """
+    xp, X2, D, single = check_dictionary_problem(X, D)
+    A2 = _check_codes(A, X2, D, xp, "A")
+    alpha = _alpha_array(alpha, D, xp)
+    primal, gap = _primal_dual(X2, D, A2, alpha, positive, xp)
+    if relative:
+        gap = _relative(gap, primal, xp)
+    return gap[0] if single else gap
+
+
+def _relative(gap, primal, xp):
+    tiny = float(np.finfo(np.float32).tiny) if primal.dtype == xp.float32 else float(np.finfo(np.float64).tiny)
+    return gap / xp.maximum(primal, xp.full_like(primal, tiny))
+
+
+def _check_codes(A, X2, D, xp, name):
+    if A is None:
+        return None
+    if not hasattr(A, "__array_namespace__") and not isinstance(A, (list, tuple)):
+        raise TypeError(f"{name} must be an array of shape ({X2.shape[0]}, {D.shape[0]})")
+    array_namespace(X2, A, names=("X", name))
+    A = check_array(A, name, ndim=(1, 2), xp=xp, dtype_like=X2)
+    if A.ndim == 1:
+        A = xp.reshape(A, (1, A.shape[0]))
+    if A.shape != (X2.shape[0], D.shape[0]):
+        raise ValueError(f"{name} must have shape ({X2.shape[0]}, {D.shape[0]}), got {tuple(A.shape)}")
+    return A
+
+
+# --------------------------------------------------------------------------- solvers
+def ista(X, D, alpha, **options) -> SparseCodingResult:
+    """ISTA (proximal gradient) for the Lasso; see :func:`fista` for every option.
+
+    Converges as O(1/k) in objective. ``restart`` does not apply.
+    """
+    if "restart" in options and options["restart"] is not None:
+        raise ValueError("restart applies to FISTA only; ISTA has no momentum to restart")
+    options.pop("restart", None)
+    return _proximal_gradient(X, D, alpha, accelerated=False, restart=None, **options)
+
+
+def fista(
+    X,
+    D,
+    alpha,
+    *,
+    positive: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    init=None,
+    lipschitz: float | None = None,
+    gradient: str = "auto",
+    restart: str | None = None,
+    backtracking: bool = False,
+    history: bool = False,
+    callback: Callable | None = None,
+    check_every: int = 10,
+    progress: bool = False,
+) -> SparseCodingResult:
+    """FISTA (Beck & Teboulle 2009) for the Lasso of this module, batched over samples.
+
+    Parameters
+    ----------
+    X : array (n_samples, n_features) or (n_features,)
+    D : array (n_atoms, n_features), atoms as rows (need not be unit norm)
+    alpha : float >= 0, or array (n_atoms,) of per-atom weights
+    positive : constrain codes to be >= 0
+    max_iter : iterations at most
+    tol : relative duality gap at which a sample stops, checked every ``check_every`` iterations
+    init : array (n_samples, n_atoms), warm start (projected onto ``a >= 0`` when positive)
+    lipschitz : ``L`` for the step ``1/L``; computed by power iteration when None
+    gradient : "gram", "explicit" or "auto" (cheaper by flop count)
+    restart : None, "function" (monotone: a step that raises a sample's objective is
+        rejected and its momentum reset, so the objective never increases) or "gradient"
+        (O'Donoghue & Candes 2015: reset when the momentum points against the gradient step)
+    backtracking : with ``lipschitz=None``, find ``L`` per sample by backtracking (start at
+        ``max_j ||d_j||^2``, doubling) instead of power iteration
+    history : record per-iteration objective, gap and time (see ``ConvergenceHistory``)
+    callback : called as ``callback(iteration, codes)`` after each iteration with the codes
+        of the samples still running; returning True stops the solver
+    check_every : iterations between duality-gap checks (each costs about one gradient)
+    progress : show a tqdm bar
+
+    Returns
+    -------
+    SparseCodingResult
+        ``objective`` and ``gap`` are per sample; ``converged`` when ``gap <= tol * objective``.
+    """
+    return _proximal_gradient(
+        X, D, alpha, accelerated=True, positive=positive, max_iter=max_iter, tol=tol, init=init,
+        lipschitz=lipschitz, gradient=gradient, restart=restart, backtracking=backtracking,
+        history=history, callback=callback, check_every=check_every, progress=progress,
+    )
+
+
+def _proximal_gradient(
+    X, D, alpha, *, accelerated, positive=False, max_iter=1000, tol=1e-6, init=None,
+    lipschitz=None, gradient="auto", restart=None, backtracking=False, history=False,
+    callback=None, check_every=10, progress=False,
+):
+    method = "fista" if accelerated else "ista"
+    xp, X, D, single = check_dictionary_problem(X, D)
+    alpha = _alpha_array(alpha, D, xp)
+    max_iter = check_scalar(max_iter, "max_iter", low=1, integer=True)
+    tol = check_scalar(tol, "tol", low=0)
+    check_every = check_scalar(check_every, "check_every", low=1, integer=True)
+    if not isinstance(positive, (bool, np.bool_)):
+        raise TypeError(f"positive must be True or False, got {positive!r}")
+    if gradient not in ("auto", "gram", "explicit"):
+        raise ValueError(f"gradient must be 'auto', 'gram' or 'explicit', got {gradient!r}")
+    if restart not in (None, "function", "gradient"):
+        raise ValueError(f"restart must be None, 'function' or 'gradient', got {restart!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    n, f = X.shape
+    k = D.shape[0]
+    dtype = X.dtype
+
+    if lipschitz is not None:
+        L = check_scalar(lipschitz, "lipschitz", low=0, low_inclusive=False)
+        backtracking = False
+    elif backtracking:
+        L = float(xp.max(xp.sum(D * D, axis=1)))  # max_j ||d_j||^2 <= ||D||_2^2
+    else:
+        # a 1e-6 margin covers the power iteration's approach from below
+        L = lipschitz_constant(D, safety=1.0 + 1e-6)
+    if L == 0.0:  # all-zero dictionary: the gradient is zero, any step works
+        L = 1.0
+
+    if init is None:
+        A = xp.zeros((n, k), dtype=dtype, device=_device(X))
+    else:
+        A = _check_codes(init, X, D, xp, "init")
+        if positive:
+            A = xp.maximum(A, xp.zeros_like(A))
+
+    use_gram = gradient == "gram" or (gradient == "auto" and k <= 2 * f)
+    XDt = X @ D.T  # needed by the Gram form; cheap relative to the iterations
+    G = D @ D.T if use_gram else None
+
+    def grad(Y, XDt_, X_):
+        if use_gram:
+            return Y @ G - XDt_
+        return (Y @ D - X_) @ D.T
+
+    def prox(Z, thr):
+        if positive:
+            return xp.maximum(Z - thr, xp.zeros_like(Z))
+        return xp.sign(Z) * xp.maximum(xp.abs(Z) - thr, xp.zeros_like(Z))
+
+    def smooth(Y, X_):
+        R = X_ - Y @ D
+        return 0.5 * xp.sum(R * R, axis=1)
+
+    def objective(Y, X_):
+        return smooth(Y, X_) + _l1(Y, alpha, xp)
+
+    # Working (active) state; finished samples are moved out at each gap check.
+    idx = xp.arange(n)
+    Xa, XDta, Aa = X, XDt, A
+    Ya = A
+    t = xp.ones((n,), dtype=dtype, device=_device(X))
+    La = xp.full((n, 1), L, dtype=dtype, device=_device(X))  # per-sample L (backtracking)
+    iters = xp.zeros((n,), dtype=xp.int64, device=_device(X))
+    obj_prev = objective(Aa, Xa) if restart == "function" else None
+    done_idx, done_A, done_it = [], [], []
+    n_restarts = 0
+
+    hist = {"iteration": [], "objective": [], "gap": [], "relative_gap": [], "time": []} if history else None
+    elapsed = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc=method, unit="it")
+
+    it = 0
+    for it in range(1, max_iter + 1):
+        t0 = time.perf_counter()
+        G_y = grad(Ya, XDta, Xa)
+        if backtracking:
+            Znew, La = _backtrack(Ya, G_y, Xa, La, prox, smooth, alpha, xp)
+        else:
+            Znew = prox(Ya - G_y / L, alpha / L)
+        iters = iters + 1
+
+        if accelerated:
+            if restart == "function":
+                obj_new = objective(Znew, Xa)
+                worse = obj_new > obj_prev
+                n_restarts += int(xp.sum(xp.astype(worse, xp.int64)))
+                # reject the step for samples whose objective rose; their momentum restarts
+                Znew = xp.where(worse[:, None], Aa, Znew)
+                obj_prev = xp.where(worse, obj_prev, obj_new)
+                t = xp.where(worse, xp.ones_like(t), t)
+            elif restart == "gradient":
+                # restart when the (generalised) gradient step Ya -> Znew opposes the momentum
+                bad = xp.sum((Ya - Znew) * (Znew - Aa), axis=1) > 0
+                n_restarts += int(xp.sum(xp.astype(bad, xp.int64)))
+                t = xp.where(bad, xp.ones_like(t), t)
+            t_next = (1.0 + xp.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            beta = ((t - 1.0) / t_next)[:, None]
+            Ya = Znew + beta * (Znew - Aa)
+            if positive:
+                # the extrapolated point may leave the orthant; the gradient step is still valid
+                pass
+            t = t_next
+        else:
+            Ya = Znew
+        Aa = Znew
+        elapsed += time.perf_counter() - t0
+
+        if history:
+            _record(hist, it, elapsed, X, D, alpha, positive, xp, done_idx, done_A, idx, Aa)
+
+        stop_user = False
+        if callback is not None:
+            stop_user = bool(callback(it, Aa))
+
+        if it % check_every == 0 or it == max_iter or stop_user:
+            t0 = time.perf_counter()
+            primal, gap = _primal_dual(Xa, D, Aa, alpha, positive, xp)
+            conv = _relative(gap, primal, xp) <= tol
+            n_conv = int(xp.sum(xp.astype(conv, xp.int64)))
+            if n_conv:
+                sel = xp.nonzero(conv)[0]
+                keep = xp.nonzero(xp.logical_not(conv))[0]
+                done_idx.append(xp.take(idx, sel))
+                done_A.append(xp.take(Aa, sel, axis=0))
+                done_it.append(xp.take(iters, sel))
+                idx = xp.take(idx, keep)
+                Aa, Ya, Xa, XDta = (xp.take(M, keep, axis=0) for M in (Aa, Ya, Xa, XDta))
+                t, iters, La = xp.take(t, keep), xp.take(iters, keep), xp.take(La, keep, axis=0)
+                if obj_prev is not None:
+                    obj_prev = xp.take(obj_prev, keep)
+            elapsed += time.perf_counter() - t0
+            if bar is not None:
+                bar.set_postfix(active=int(idx.shape[0]), max_rel_gap=float(xp.max(_relative(gap, primal, xp))))
+            if idx.shape[0] == 0:
+                break
+        if bar is not None:
+            bar.update(1)
+        if stop_user:
+            break
+    if bar is not None:
+        bar.close()
+
+    # reassemble in the original sample order
+    all_idx = xp.concat(done_idx + [idx]) if done_idx else idx
+    codes = xp.concat(done_A + [Aa], axis=0) if done_A else Aa
+    n_it = xp.concat(done_it + [iters]) if done_it else iters
+    order = xp.argsort(all_idx)
+    codes = xp.take(codes, order, axis=0)
+    n_it = xp.take(n_it, order)
+    primal, gap = _primal_dual(X, D, codes, alpha, positive, xp)
+    rel = _relative(gap, primal, xp)
+    converged = rel <= tol
+
+    hist_obj = None
+    if history:
+        hist_obj = ConvergenceHistory(**{key: np.asarray(v) for key, v in hist.items()})
+    if single:
+        codes = codes[0, :]
+    return SparseCodingResult(
+        codes=codes,
+        n_iter=n_it,
+        converged=converged,
+        objective=primal,
+        gap=gap,
+        relative_gap=rel,
+        history=hist_obj,
+        method=method,
+        lipschitz=None if backtracking else L,
+        info={"gradient": "gram" if use_gram else "explicit", "restarts": n_restarts, "iterations": it,
+              "restart": restart, "backtracking": backtracking,
+              **({"lipschitz_per_sample": La} if backtracking else {})},
+    )
+
+
+def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):
+    """Beck-Teboulle backtracking, per sample: grow L until the quadratic model majorises."""
+    f_y = smooth(Y, X_)
+    for _ in range(max_tries):
+        Z = prox(Y - G_y / La, alpha / La)
+        dZ = Z - Y
+        model = f_y + xp.sum(G_y * dZ, axis=1) + 0.5 * La[:, 0] * xp.sum(dZ * dZ, axis=1)
+        # small relative slack absorbs rounding when the model is tight
+        bad = smooth(Z, X_) > model + 1e-12 * xp.abs(model)
+        if not bool(xp.any(bad)):
+            return Z, La
+        La = xp.where(bad[:, None], La * eta, La)
+    return Z, La
+
+
+def _record(hist, it, elapsed, X, D, alpha, positive, xp, done_idx, done_A, idx, Aa):
+    """Append the objective/gap of *all* samples (finished ones at their final codes)."""
+    parts_A = done_A + [Aa]
+    parts_i = done_idx + [idx]
+    codes = xp.concat(parts_A, axis=0) if len(parts_A) > 1 else Aa
+    order = xp.argsort(xp.concat(parts_i)) if len(parts_i) > 1 else None
+    if order is not None:
+        codes = xp.take(codes, order, axis=0)
+    primal, gap = _primal_dual(X, D, codes, alpha, positive, xp)
+    hist["iteration"].append(it)
+    hist["objective"].append(float(xp.mean(primal)))
+    hist["gap"].append(float(xp.mean(gap)))
+    hist["relative_gap"].append(float(xp.max(_relative(gap, primal, xp))))
+    hist["time"].append(elapsed)
+
+
+def _device(x):
+    import array_api_compat
+
+    return array_api_compat.device(x)
