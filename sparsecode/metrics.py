@@ -32,6 +32,7 @@ Dictionaries
     were orthogonal and ``x_n - b = A_n @ D`` exactly, the ratio would be exactly 1; a
     quasi-orthogonal dictionary gives values close to 1.
 
+An all-zero atom (a dead dictionary element) has cosine 0 with every atom.
 Scalars come back as Python floats, per-atom or per-sample arrays in the input's namespace.
 """
 
@@ -303,10 +304,9 @@ class SparsityAccumulator:
 
 # --------------------------------------------------------------------------- dictionaries
 def _unit_rows(D, xp, name):
+    """Rows scaled to unit norm; an all-zero row stays zero (cosine 0 with everything)."""
     nrm = xp.linalg.vector_norm(D, axis=1, keepdims=True)
-    if bool(xp.any(nrm == 0)):
-        raise ValueError(f"{name} has an all-zero atom (row); its cosine similarity is undefined")
-    return D / nrm
+    return D / xp.where(nrm > 0, nrm, xp.ones_like(nrm))
 
 
 def _two_dicts(D_a, D_b, na="D_a", nb="D_b"):

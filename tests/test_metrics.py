@@ -236,8 +236,9 @@ def test_coherence_hand_case(backend):
 def test_dictionary_validation():
     with pytest.raises(ValueError, match="features"):
         M.mmcs(np.ones((2, 3)), np.ones((2, 4)))
-    with pytest.raises(ValueError, match="all-zero"):
-        M.coherence(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    # an all-zero (dead) atom has cosine 0 with everything
+    assert M.coherence(np.array([[1.0, 0.0], [0.0, 0.0]]))["max"] == 0.0
+    np.testing.assert_allclose(M.max_cosines(np.array([[0.0, 0.0], [1.0, 1.0]]), np.eye(2))[0], [0.0, S])
     with pytest.raises(ValueError, match="D"):
         M.coherence(np.ones(3))
     with pytest.raises(ValueError, match="NaN"):
@@ -284,3 +285,48 @@ def test_fvu_stream_equals_one_shot(n, n_batches, seed):
     for a, b in zip(cuts[:-1], cuts[1:]):
         acc.update(X[a:b], H[a:b])
     assert acc.value == pytest.approx(M.fvu(X, H), rel=1e-10)
+
+
+# --------------------------------------------------------------------------- toy superposition data
+def test_toy_superposition_ground_truth():
+    from sparsecode.toy import make_superposition, score
+
+    toy = make_superposition(20000, 40, 10, sparsity=0.9, probability_decay=1.0, importance_decay=0.9, seed=1)
+    assert toy.X.shape == (20000, 10) and toy.features.shape == (20000, 40)
+    np.testing.assert_allclose(np.linalg.norm(toy.dictionary, axis=1), 1.0)
+    np.testing.assert_allclose(toy.X, toy.features @ toy.dictionary)
+    np.testing.assert_allclose(toy.importance, 0.9 ** np.arange(40))
+    # power law with mean rate 1 - S, clipped at 1
+    w = 1.0 / np.arange(1, 41)
+    np.testing.assert_allclose(toy.probability, np.minimum(0.1 * w / w.mean(), 1.0))
+    # empirical rates agree with the profile (binomial standard error, 5 sigma)
+    emp = (toy.features > 0).mean(0)
+    se = np.sqrt(toy.probability * (1 - toy.probability) / 20000)
+    assert np.all(np.abs(emp - toy.probability) <= 5 * se + 1e-12)
+    # magnitudes Uniform(0, 1): mean of active values 1/2
+    assert toy.features[toy.features > 0].mean() == pytest.approx(0.5, abs=0.01)
+    # the true dictionary and codes score perfectly, a permuted/sign-flipped copy too
+    perm = np.random.default_rng(0).permutation(40)
+    s = score(toy, -toy.dictionary[perm], -toy.features[:, perm])
+    assert s["mmcs"] == pytest.approx(1.0) and s["fraction"] == 1.0
+    assert s["hungarian"] == pytest.approx(1.0) and s["code_correlation"] == pytest.approx(1.0)
+    # a random dictionary does not
+    assert score(toy, np.random.default_rng(2).standard_normal((40, 10)))["fraction"] < 0.5
+
+
+def test_toy_uniform_sparsity_and_validation():
+    from sparsecode.toy import importance_weighted_loss, make_superposition
+
+    toy = make_superposition(10, 5, 3, sparsity=0.5, dtype=np.float32, noise=0.1)
+    assert toy.X.dtype == np.float32 and np.all(toy.probability == 0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        make_superposition(10, 5, 3, sparsity=1.0)
+    with pytest.raises(ValueError, match="importance_decay"):
+        make_superposition(10, 5, 3, importance_decay=0.0)
+    with pytest.raises(TypeError, match="n_features"):
+        make_superposition(10, 2.5, 3)
+    # loss: importance [1, .5]; errors (1, 2) and (0, 2): (1 + 2) + (0 + 2) -> mean 2.5
+    F = np.array([[1.0, 2.0], [0.0, 2.0]])
+    assert importance_weighted_loss(F, np.zeros_like(F), np.array([1.0, 0.5])) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="importance"):
+        importance_weighted_loss(F, F, np.ones(3))
