@@ -153,11 +153,18 @@ def asarray_like(a, like, dtype=None):
 
 
 # --------------------------------------------------------------------------- validation
+_DTYPE_NAMES = (
+    "float64", "float32", "float16", "complex64", "complex128", "bool",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+)
+
+
 def _dtype_name(xp, dtype) -> str:
-    for n in ("float64", "float32", "float16", "complex64", "complex128", "bool"):
+    """Plain name of ``dtype`` ('int64', not 'array_api_strict.int64')."""
+    for n in _DTYPE_NAMES:
         if hasattr(xp, n) and dtype == getattr(xp, n):
             return n
-    return str(dtype)
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def check_array(
