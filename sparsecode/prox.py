@@ -140,8 +140,16 @@ def _top_k_mask(score, k, xp):
 
 @register_kernel("top_k_mask", "numpy")
 def _top_k_mask_numpy(score, k):
-    # argpartition is O(n) per row against the O(n log n) double sort.
-    idx = np.argpartition(-score, k - 1, axis=1)[:, :k]
-    mask = np.zeros(score.shape, dtype=bool)
-    np.put_along_axis(mask, idx, True, axis=1)
-    return mask
+    """Same mask as :func:`_top_k_mask` (ties to the lowest index, NaN ranked last), in O(n).
+
+    A partition finds each row's k-th best score; entries strictly better are kept, and of
+    the entries tied with it the first ones by position fill the remaining places
+    (``argpartition`` alone picks among ties arbitrarily).
+    """
+    neg = np.negative(score)
+    kth = np.partition(neg, k - 1, axis=1)[:, k - 1 : k]
+    nan_kth = np.isnan(kth)  # fewer than k non-NaN scores: all of them, then NaNs by position
+    better = np.where(nan_kth, ~np.isnan(neg), neg < kth)
+    tie = np.where(nan_kth, np.isnan(neg), neg == kth)
+    need = k - np.count_nonzero(better, axis=1)[:, None]
+    return better | (tie & (np.cumsum(tie, axis=1) <= need))
