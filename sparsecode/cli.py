@@ -14,7 +14,6 @@ from importlib import import_module
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("sparsecode.demo", "run the whole path on the built-in default and show the results"),
-    "benchmark": ("sparsecode.lasso_benchmark", "ISTA vs FISTA vs scikit-learn convergence benchmark"),
 }
 
 
