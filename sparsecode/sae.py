@@ -1,0 +1,1161 @@
+"""Sparse autoencoders on the array API: the amortized version of the sparse-coding solvers.
+
+Shapes and names follow SAELens: ``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``,
+``W_dec (d_sae, d_in)`` (rows are atoms: the decoder *is* a dictionary), ``b_dec (d_in,)``::
+
+    xc    = x - b_dec                      (centred input; plain x if not apply_b_dec_to_input)
+    z     = xc @ W_enc + b_enc             (pre-activation, (n, d_sae))
+    f     = sigma(z)                       (sparse code, (n, d_sae))
+    x_hat = f @ W_dec + b_dec
+
+Encoders (``architecture``) and the training loss of each, per batch of ``n`` rows, with
+``MSE = (1/n) sum_i ||x_i - x_hat_i||^2`` (squared error summed over features, mean over rows):
+
+==============  ================================================================  ==========================
+architecture    sigma                                                             loss
+==============  ================================================================  ==========================
+``relu``        ``relu(z)`` (Towards Monosemanticity; unit-norm decoder rows)     MSE + lam * mean ||f||_1
+``relu_april``  ``relu(z)``; decoder norms free (Anthropic, April 2024)           MSE + lam * mean sum_j f_j ||d_j||
+``topk``        ``relu`` of the k largest ``z`` per row (Gao et al. 2024)         MSE + AuxK
+``batchtopk``   the ``k * n`` largest ``relu(z)`` over the batch (Bussmann et     MSE + AuxK
+                al. 2024); inference uses the running threshold ``theta``
+``jumprelu``    ``z * H(z - theta_j)``, ``theta = exp(log_threshold)`` learned    MSE + lam * mean ||f||_0
+                (Rajamanoharan et al. 2024), straight-through pseudo-derivatives
+``abstopk``     the k largest ``|z|`` per row, sign kept (bidirectional)          MSE + AuxK
+``topafa``      ``relu(z)`` keeping per row the smallest number of largest         MSE + AuxK + AFA
+                ``(f_j ||d_j||)`` whose norm best matches ``||xc||`` (Lee et al. 2025)
+``mpsae``       ``k`` unrolled matching-pursuit steps over the decoder rows         MSE
+                (or until ``||r||^2 <= mp_tol``), no encoder weights
+``lista``       ``T`` unrolled ISTA (or FISTA) steps with learned ``W_enc``,       MSE + lam * mean ||f||_1
+                ``b_enc``: ``z_t = relu(y + (xc - y @ W_dec) @ W_enc + b_enc)``
+==============  ================================================================  ==========================
+
+Every gradient is written by hand (:func:`loss_and_grad`) and checked against finite
+differences in the tests. The JumpReLU threshold is trained through the pseudo-derivatives
+of the paper, with a rectangle kernel ``K(u) = 1{|u| < 1/2}`` of bandwidth ``eps``::
+
+    d f_ij / d theta_j        := -(theta_j / eps) K((z_ij - theta_j) / eps)
+    d H(z_ij - theta_j)/d theta_j := -(1 / eps) K((z_ij - theta_j) / eps)
+
+(and zero derivative of ``H`` with respect to ``z``), chained to ``log_threshold``.
+AuxK (Gao et al.): with ``e = x - x_hat`` held fixed and ``e_hat`` the decoding of the
+``k_aux`` largest pre-activations among dead latents,
+``aux = coef * sum ||e - e_hat||^2 / sum ||e - mean(e)||^2``.
+AFA loss (top-AFA): ``coef * mean_i (||f_i * nu|| - ||xc_i||)^2`` with ``nu_j = ||d_j||``.
+
+The SAE objective relates to the Lasso of :mod:`sparsecode.lasso` by
+``||r||^2 + lam ||f||_1 = 2 (0.5 ||r||^2 + (lam / 2) ||f||_1)``, so the L1 family is compared
+with FISTA at ``alpha = lam / 2`` by :func:`amortization_gap`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+
+from .backend import (
+    array_namespace,
+    asarray_like,
+    backend_name,
+    check_array,
+    check_scalar,
+    get_kernel,
+    register_kernel,
+    to_numpy,
+)
+
+__all__ = [
+    "SparseAutoencoder",
+    "ARCHITECTURES",
+    "loss_and_grad",
+    "amortization_gap",
+    "train_sae",
+    "fvu",
+]
+
+ARCHITECTURES = ("relu", "relu_april", "topk", "batchtopk", "jumprelu", "abstopk", "topafa", "mpsae", "lista")
+#: encoders that need ``k``
+K_ARCHITECTURES = ("topk", "batchtopk", "abstopk", "mpsae")
+#: encoders trained with the AuxK loss on dead latents
+AUXK_ARCHITECTURES = ("topk", "batchtopk", "abstopk", "topafa")
+#: encoders with a penalty coefficient ``lam``
+PENALTY_ARCHITECTURES = ("relu", "relu_april", "jumprelu", "lista")
+#: encoders whose decoder rows are kept at unit norm during training
+UNIT_NORM_ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "abstopk", "topafa", "mpsae", "lista")
+#: encoders whose codes are non-negative
+POSITIVE_ARCHITECTURES = ("relu", "relu_april", "topk", "batchtopk", "jumprelu", "topafa", "lista")
+
+_ALIASES = {"standard": "relu", "relu_l1": "relu", "april": "relu_april", "top_afa": "topafa",
+            "mp": "mpsae", "mp_sae": "mpsae", "abs_topk": "abstopk", "batch_topk": "batchtopk"}
+
+# SAELens' name for each of ours (None: SAELens has no equivalent, our name is written).
+_SAELENS_ARCH = {"relu": "standard", "relu_april": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                 "jumprelu": "jumprelu"}
+SAELENS_VERSION = "6.0.0"
+SPARSECODE_SAE_FORMAT = 1
+
+
+def canonical_architecture(name: str) -> str:
+    """Our name for an architecture (accepts SAELens' ``standard`` and a few spellings)."""
+    if not isinstance(name, str):
+        raise TypeError(f"architecture must be a string, got {type(name).__name__}")
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {name!r}")
+    return key
+
+
+# =========================================================================== sparse-aware kernels
+# Products with a sparse code matrix. The portable versions are dense products (fast on GPUs,
+# correct everywhere); the NumPy kernels switch to scipy.sparse when few entries are non-zero,
+# which is what makes a TopK training step cost about one dense product on the CPU.
+_SPARSE_DENSITY = 0.08
+
+
+def _codes_matmul(F, W, xp):
+    """``F @ W`` for codes ``F (n, m)`` (mostly zeros) and ``W (m, d)``."""
+    kern = get_kernel("sae_codes_matmul", xp)
+    return kern(F, W) if kern is not None else F @ W
+
+
+def _codes_tmatmul(F, G, xp):
+    """``F.T @ G`` for codes ``F (n, m)`` (mostly zeros) and ``G (n, d)``: shape (m, d)."""
+    kern = get_kernel("sae_codes_tmatmul", xp)
+    return kern(F, G) if kern is not None else F.T @ G
+
+
+def _masked_matmul_t(G, W, mask, xp):
+    """``(G @ W.T) * mask`` for ``G (n, d)``, ``W (m, d)`` and a boolean ``mask (n, m)``.
+
+    Only the entries under the mask are needed (a sampled product): the NumPy kernel computes
+    just those when the mask is sparse.
+    """
+    kern = get_kernel("sae_masked_matmul_t", xp)
+    if kern is not None:
+        return kern(G, W, mask)
+    return xp.where(mask, G @ W.T, xp.zeros((1,), dtype=G.dtype))
+
+
+def _scatter_rows(idx, R, m, xp):
+    """``out[idx[i]] += R[i]`` for ``idx (N,)`` ints in ``[0, m)`` and ``R (N, d)``: shape (m, d)."""
+    kern = get_kernel("sae_scatter_rows", xp)
+    if kern is not None:
+        return kern(idx, R, m)
+    out = xp.zeros((m, R.shape[1]), dtype=R.dtype, device=_device(R))
+    step = 4096
+    ar = xp.arange(m, device=_device(R))
+    for s in range(0, idx.shape[0], step):
+        oh = xp.astype(ar[None, :] == idx[s:s + step, None], R.dtype)
+        out = out + oh.T @ R[s:s + step, :]
+    return out
+
+
+def _is_sparse_np(F):
+    return np.count_nonzero(F) <= _SPARSE_DENSITY * F.size
+
+
+@register_kernel("sae_codes_matmul", "numpy")
+def _codes_matmul_np(F, W):
+    if not _is_sparse_np(F):
+        return F @ W
+    import scipy.sparse as sp
+
+    return np.asarray(sp.csr_matrix(F) @ W)
+
+
+@register_kernel("sae_codes_tmatmul", "numpy")
+def _codes_tmatmul_np(F, G):
+    if not _is_sparse_np(F):
+        return F.T @ G
+    import scipy.sparse as sp
+
+    return np.asarray(sp.csr_matrix(F).T @ G)
+
+
+@register_kernel("sae_masked_matmul_t", "numpy")
+def _masked_matmul_t_np(G, W, mask):
+    if np.count_nonzero(mask) > _SPARSE_DENSITY * mask.size:
+        return np.where(mask, G @ W.T, 0).astype(G.dtype, copy=False)
+    rows, cols = np.nonzero(mask)
+    out = np.zeros(mask.shape, dtype=G.dtype)
+    step = 16384
+    for s in range(0, rows.shape[0], step):
+        r, c = rows[s:s + step], cols[s:s + step]
+        out[r, c] = np.einsum("ij,ij->i", G[r], W[c])
+    return out
+
+
+@register_kernel("sae_scatter_rows", "numpy")
+def _scatter_rows_np(idx, R, m):
+    import scipy.sparse as sp
+
+    N = idx.shape[0]
+    S = sp.csr_matrix((np.ones(N, dtype=R.dtype), (np.asarray(idx), np.arange(N))), shape=(m, N))
+    return np.asarray(S @ R)
+
+
+def _top_k_mask(score, k, xp):
+    """Boolean mask of the ``k`` largest entries of each row of ``score``."""
+    m = score.shape[1]
+    if k >= m:
+        return xp.ones(score.shape, dtype=xp.bool, device=_device(score))
+    if k <= 0:
+        return xp.zeros(score.shape, dtype=xp.bool, device=_device(score))
+    kern = get_kernel("top_k_mask", xp)  # the NumPy argpartition kernel of sparsecode.prox
+    if kern is not None:
+        return kern(score, k)
+    order = xp.argsort(-score, axis=1, stable=True)
+    ranks = xp.argsort(order, axis=1, stable=True)
+    return ranks < k
+
+
+def _device(x):
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+def _zero(x, xp):
+    return xp.zeros((1,), dtype=x.dtype, device=_device(x))
+
+
+def _relu(x, xp):
+    return xp.maximum(x, _zero(x, xp))
+
+
+def _row_norms(W, xp):
+    return xp.sqrt(xp.sum(W * W, axis=1))
+
+
+def fvu(X, X_hat) -> float:
+    """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``."""
+    xp = array_namespace(X, X_hat, names=("X", "X_hat"))
+    num = float(xp.sum((X - X_hat) ** 2))
+    den = float(xp.sum((X - xp.mean(X, axis=0)) ** 2))
+    return num / den if den > 0 else float("nan")
+
+
+# =========================================================================== the model
+class SparseAutoencoder:
+    """A sparse autoencoder: parameters, the encoder rule, and inference.
+
+    Parameters are arrays of one namespace and dtype: ``W_enc (d_in, d_sae)``, ``b_enc
+    (d_sae,)``, ``W_dec (d_sae, d_in)`` (atoms as rows), ``b_dec (d_in,)`` and, for
+    ``jumprelu``, ``log_threshold (d_sae,)``. Build one with :meth:`initialize`, train it
+    with :func:`train_sae`, read one with :meth:`load`.
+
+    Attributes besides the parameters: ``architecture``, ``k`` (TopK family and MP-SAE),
+    ``l1_coefficient`` (the penalty ``lam`` of the L1/L0 family, used by
+    :func:`amortization_gap`), ``bandwidth`` (JumpReLU), ``batch_threshold`` (BatchTopK's
+    inference threshold), ``lista_steps``/``lista_fista``, ``mp_tol``, ``input_scale`` (inputs
+    are multiplied by it before encoding and outputs divided by it after decoding; 1.0 unless
+    trained on normalised activations), ``apply_b_dec_to_input`` and ``metadata`` (a dict).
+    """
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, *, architecture="topk", k=None, log_threshold=None,
+                 l1_coefficient=None, bandwidth=0.001, batch_threshold=None, lista_steps=3,
+                 lista_fista=False, mp_tol=None, input_scale=1.0, apply_b_dec_to_input=True,
+                 metadata=None):
+        self.architecture = canonical_architecture(architecture)
+        xp = array_namespace(W_enc, b_enc, W_dec, b_dec, names=("W_enc", "b_enc", "W_dec", "b_dec"))
+        W_dec = check_array(W_dec, "W_dec", ndim=2, xp=xp)
+        d_sae, d_in = W_dec.shape
+        W_enc = check_array(W_enc, "W_enc", ndim=2, xp=xp, dtype_like=W_dec)
+        b_enc = check_array(b_enc, "b_enc", ndim=1, xp=xp, dtype_like=W_dec)
+        b_dec = check_array(b_dec, "b_dec", ndim=1, xp=xp, dtype_like=W_dec)
+        if tuple(W_enc.shape) != (d_in, d_sae):
+            raise ValueError(f"W_enc must have shape (d_in, d_sae) = ({d_in}, {d_sae}), got {tuple(W_enc.shape)}")
+        if b_enc.shape[0] != d_sae:
+            raise ValueError(f"b_enc must have shape ({d_sae},), got {tuple(b_enc.shape)}")
+        if b_dec.shape[0] != d_in:
+            raise ValueError(f"b_dec must have shape ({d_in},), got {tuple(b_dec.shape)}")
+        self.params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        if self.architecture == "jumprelu":
+            if log_threshold is None:
+                log_threshold = xp.full((d_sae,), math.log(0.001), dtype=W_dec.dtype, device=_device(W_dec))
+            log_threshold = check_array(log_threshold, "log_threshold", ndim=1, xp=xp, dtype_like=W_dec)
+            if log_threshold.shape[0] != d_sae:
+                raise ValueError(f"log_threshold must have shape ({d_sae},), got {tuple(log_threshold.shape)}")
+            self.params["log_threshold"] = log_threshold
+        if self.architecture in K_ARCHITECTURES:
+            if k is None:
+                raise ValueError(f"architecture {self.architecture!r} needs k (active latents per row)")
+        if k is not None:
+            k = check_scalar(k, "k", low=1, integer=True)
+            if self.architecture in K_ARCHITECTURES and k > d_sae:
+                raise ValueError(f"k must be <= d_sae ({d_sae}), got {k}")
+        self.k = k
+        self.l1_coefficient = None if l1_coefficient is None else check_scalar(l1_coefficient, "l1_coefficient", low=0)
+        self.bandwidth = check_scalar(bandwidth, "bandwidth", low=0, low_inclusive=False)
+        self.batch_threshold = None if batch_threshold is None else float(batch_threshold)
+        self.lista_steps = check_scalar(lista_steps, "lista_steps", low=1, integer=True)
+        self.lista_fista = bool(lista_fista)
+        self.mp_tol = None if mp_tol is None else check_scalar(mp_tol, "mp_tol", low=0)
+        self.input_scale = check_scalar(input_scale, "input_scale", low=0, low_inclusive=False)
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.metadata = dict(metadata or {})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def initialize(cls, d_in, d_sae, architecture="topk", *, k=None, seed=0, dtype="float32", like=None,
+                   b_dec=None, decoder_norm=None, l1_coefficient=None, initial_threshold=0.001, **options):
+        """A freshly initialised SAE.
+
+        Decoder rows are random directions (seeded Gaussian) of norm ``decoder_norm`` (1.0, or
+        0.1 for ``relu_april`` as in Anthropic's April 2024 recipe); ``W_enc = W_dec.T`` (for
+        LISTA ``W_dec.T / L`` with ``L = ||W_dec||_2^2``, the ISTA step); ``b_enc = 0`` (LISTA:
+        ``-lam / (2 L)``, the ISTA threshold); ``b_dec`` as given or zero; JumpReLU thresholds
+        at ``initial_threshold``. ``like`` is an array whose namespace and device the
+        parameters take (NumPy by default).
+        """
+        arch = canonical_architecture(architecture)
+        d_in = check_scalar(d_in, "d_in", low=1, integer=True)
+        d_sae = check_scalar(d_sae, "d_sae", low=1, integer=True)
+        dt = np.dtype(dtype) if not hasattr(dtype, "kind") else dtype
+        if str(np.dtype(dt)) not in ("float32", "float64"):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+        rng = np.random.default_rng(seed)
+        W = rng.standard_normal((d_sae, d_in))
+        W /= np.linalg.norm(W, axis=1, keepdims=True)
+        if decoder_norm is None:
+            decoder_norm = 0.1 if arch == "relu_april" else 1.0
+        W *= check_scalar(decoder_norm, "decoder_norm", low=0, low_inclusive=False)
+        W_enc = W.T.copy()
+        b_enc = np.zeros(d_sae)
+        lam = l1_coefficient
+        if arch == "lista":
+            L = float(np.linalg.norm(W, 2) ** 2)
+            W_enc = W.T / L
+            if lam is not None:
+                b_enc = np.full(d_sae, -lam / (2 * L))
+        bd = np.zeros(d_in) if b_dec is None else np.asarray(to_numpy(b_dec), dtype=np.float64)
+        if bd.shape != (d_in,):
+            raise ValueError(f"b_dec must have shape ({d_in},), got {bd.shape}")
+        ref = np.zeros(1, dtype=np.dtype(dt)) if like is None else like
+        conv = lambda a: asarray_like(a, ref, dtype=ref.dtype if like is None else _dtype_of(like, dt))  # noqa: E731
+        log_thr = None
+        if arch == "jumprelu":
+            t0 = check_scalar(initial_threshold, "initial_threshold", low=0, low_inclusive=False)
+            log_thr = conv(np.full(d_sae, math.log(t0)))
+        return cls(conv(W_enc), conv(b_enc), conv(W), conv(bd), architecture=arch, k=k,
+                   log_threshold=log_thr, l1_coefficient=lam, **options)
+
+    # ------------------------------------------------------------------ attributes
+    W_enc = property(lambda self: self.params["W_enc"])
+    b_enc = property(lambda self: self.params["b_enc"])
+    W_dec = property(lambda self: self.params["W_dec"])
+    b_dec = property(lambda self: self.params["b_dec"])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.params["W_dec"].shape[1])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.params["W_dec"].shape[0])
+
+    @property
+    def xp(self):
+        return array_namespace(self.params["W_dec"])
+
+    @property
+    def dtype(self):
+        return self.params["W_dec"].dtype
+
+    @property
+    def threshold(self):
+        """Per-latent inference threshold (JumpReLU, and BatchTopK's global one), else None."""
+        xp = self.xp
+        if self.architecture == "jumprelu":
+            return xp.exp(self.params["log_threshold"])
+        if self.architecture == "batchtopk" and self.batch_threshold is not None:
+            return xp.full((self.d_sae,), self.batch_threshold, dtype=self.dtype, device=_device(self.W_dec))
+        return None
+
+    def __repr__(self):
+        extra = f", k={self.k}" if self.k is not None else ""
+        return (f"SparseAutoencoder(architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}{extra}, "
+                f"backend={backend_name(self.xp)}, dtype={_dtype_name(self.dtype)})")
+
+    def copy(self):
+        """A deep copy (parameters copied)."""
+        xp = self.xp
+        new = SparseAutoencoder.__new__(SparseAutoencoder)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "params"})
+        new.params = {k: xp.asarray(v, copy=True) for k, v in self.params.items()}
+        new.metadata = dict(self.metadata)
+        return new
+
+    # ------------------------------------------------------------------ inference
+    def _check_input(self, X, name="X"):
+        xp = self.xp
+        array_namespace(X, self.W_dec, names=(name, "the SAE's parameters"))
+        X = check_array(X, name, ndim=(1, 2), xp=xp)
+        if X.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {_dtype_name(X.dtype)} but the SAE is {_dtype_name(self.dtype)}: "
+                            "convert one of them (nothing is cast silently)")
+        single = X.ndim == 1
+        if single:
+            X = xp.reshape(X, (1, X.shape[0]))
+        if X.shape[1] != self.d_in:
+            raise ValueError(f"{name} has {X.shape[1]} features but the SAE has d_in={self.d_in}")
+        return X, single
+
+    def _centre(self, X):
+        xs = X * self.input_scale if self.input_scale != 1.0 else X
+        return xs - self.b_dec if self.apply_b_dec_to_input else xs
+
+    def encode(self, X):
+        """Codes ``f = sigma((x - b_dec) @ W_enc + b_enc)``, shape (n, d_sae) (or (d_sae,) for 1-D)."""
+        X, single = self._check_input(X)
+        F = _encode_inference(self, self._centre(X))
+        return F[0, :] if single else F
+
+    def decode(self, F):
+        """Reconstruction ``f @ W_dec + b_dec``, shape (n, d_in) (or (d_in,) for 1-D codes)."""
+        xp = self.xp
+        array_namespace(F, self.W_dec, names=("F", "the SAE's parameters"))
+        F = check_array(F, "F", ndim=(1, 2), xp=xp, dtype_like=self.W_dec)
+        single = F.ndim == 1
+        if single:
+            F = xp.reshape(F, (1, F.shape[0]))
+        if F.shape[1] != self.d_sae:
+            raise ValueError(f"F has {F.shape[1]} latents but the SAE has d_sae={self.d_sae}")
+        Xh = _codes_matmul(F, self.W_dec, xp) + self.b_dec
+        if self.input_scale != 1.0:
+            Xh = Xh / self.input_scale
+        return Xh[0, :] if single else Xh
+
+    def forward(self, X):
+        """``decode(encode(X))``."""
+        X2, single = self._check_input(X)
+        Xh = self.decode(_encode_inference(self, self._centre(X2)))
+        return Xh[0, :] if single else Xh
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder):
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` in SAELens' layout (see module doc)."""
+        return save_sae(self, folder)
+
+    @classmethod
+    def load(cls, folder, *, like=None):
+        """Read an SAE saved by :meth:`save`, by SAELens (>= 6), or by sparsify (``sae.safetensors``)."""
+        return load_sae(folder, like=like)
+
+
+def _dtype_name(dtype) -> str:
+    s = str(dtype)
+    for n in ("float64", "float32", "float16"):
+        if n in s:
+            return n
+    return s
+
+
+def _dtype_of(like, default):
+    return like.dtype
+
+
+# =========================================================================== encoders (forward)
+def _fista_betas(T):
+    """Momentum ``beta_t`` used to form ``y_t`` (t = 1..T-1) in LISTA-FISTA."""
+    t = 1.0
+    out = [0.0]
+    for _ in range(1, T):
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        out.append((t - 1.0) / t_next)
+        t = t_next
+    return out
+
+
+def _afa_mask(a, nu, xc, xp):
+    """top-AFA selection: per row keep the ``k_i`` largest ``a_j nu_j`` with ``k_i`` minimising
+    ``| sqrt(sum of the k largest (a_j nu_j)^2) - ||xc|| |``."""
+    s = (a * nu) ** 2
+    order = xp.argsort(-s, axis=1, stable=True)
+    ranks = xp.argsort(order, axis=1, stable=True)
+    s_sorted = xp.take_along_axis(s, order, axis=1)
+    cum = xp.sqrt(xp.cumulative_sum(s_sorted, axis=1))
+    B = xp.sqrt(xp.sum(xc * xc, axis=1))
+    kstar = xp.argmin(xp.abs(cum - B[:, None]), axis=1) + 1
+    return ranks < kstar[:, None]
+
+
+def _mp_forward(sae, xc, xp, record=False):
+    """Unrolled matching pursuit of ``xc`` over the rows of ``W_dec`` (assumed unit norm).
+
+    Step ``t``: ``c = r @ W_dec.T``, ``j = argmax |c|`` (``argmax c`` for positive codes),
+    coefficient ``c_j`` (clipped at 0 when positive; 0 once ``||r||^2 <= mp_tol``),
+    ``r <- r - c_j d_j``. Returns codes (n, d_sae), final residual and, if ``record``, the
+    per-step ``(j, c_pre, active, r_before)`` needed by the backward pass.
+    """
+    W = sae.W_dec
+    n, m = xc.shape[0], W.shape[0]
+    r = xc
+    codes = xp.zeros((n, m), dtype=xc.dtype, device=_device(xc))
+    ar = xp.arange(m, device=_device(xc))
+    steps = []
+    positive = False  # MP-SAE codes are signed (bidirectional atoms), as in classical MP
+    for _ in range(int(sae.k)):
+        C = r @ W.T
+        j = xp.argmax(C if positive else xp.abs(C), axis=1)
+        onehot = ar[None, :] == j[:, None]
+        c_pre = xp.sum(xp.where(onehot, C, _zero(C, xp)), axis=1)
+        active = xp.ones((n,), dtype=xp.bool, device=_device(xc))
+        if sae.mp_tol is not None:
+            active = xp.sum(r * r, axis=1) > sae.mp_tol
+        c = xp.where(active, c_pre, xp.zeros_like(c_pre))
+        d = xp.take(W, j, axis=0)
+        if record:
+            steps.append((j, c, active, r))
+        r = r - c[:, None] * d
+        codes = codes + xp.where(onehot, c[:, None], _zero(C, xp))
+    return codes, r, steps
+
+
+def _lista_forward(sae, xc, xp, record=False):
+    """``T`` unrolled (F)ISTA steps; returns the final codes and the per-step cache."""
+    W_enc, b_enc, W_dec = sae.W_enc, sae.b_enc, sae.W_dec
+    T = sae.lista_steps
+    betas = _fista_betas(T) if sae.lista_fista else [0.0] * T
+    zs = []  # outputs z_0 .. z_{T-1}
+    cache = []
+    for t in range(T):
+        if t == 0:
+            y = None
+            e = xc
+            u = xc @ W_enc + b_enc
+        else:
+            z1 = zs[t - 1]
+            z0 = zs[t - 2] if t >= 2 else None
+            y = z1 if betas[t] == 0.0 or z0 is None else z1 + betas[t] * (z1 - z0)
+            if betas[t] != 0.0 and z0 is None:
+                y = z1 + betas[t] * z1
+            e = xc - _codes_matmul(y, W_dec, xp)
+            u = y + e @ W_enc + b_enc
+        z = _relu(u, xp)
+        zs.append(z)
+        if record:
+            cache.append((y, e, u))
+    return zs[-1], zs, cache, betas
+
+
+def _encode_inference(sae, xc):
+    """Inference codes from the centred input (no batch-dependent rule)."""
+    xp = sae.xp
+    arch = sae.architecture
+    if arch == "mpsae":
+        codes = _mp_inference(sae, xc, xp)
+        return codes
+    if arch == "lista":
+        return _lista_forward(sae, xc, xp)[0]
+    z = xc @ sae.W_enc + sae.b_enc
+    if arch in ("relu", "relu_april"):
+        return _relu(z, xp)
+    if arch == "topk":
+        return xp.where(_top_k_mask(z, sae.k, xp), _relu(z, xp), _zero(z, xp))
+    if arch == "abstopk":
+        return xp.where(_top_k_mask(xp.abs(z), sae.k, xp), z, _zero(z, xp))
+    if arch == "jumprelu":
+        thr = xp.exp(sae.params["log_threshold"])
+        return xp.where(z > thr, z, _zero(z, xp))
+    if arch == "batchtopk":
+        if sae.batch_threshold is None:
+            # untrained: fall back to per-row TopK (what BatchTopK approximates)
+            return xp.where(_top_k_mask(z, sae.k, xp), _relu(z, xp), _zero(z, xp))
+        thr = max(sae.batch_threshold, 0.0)
+        return xp.where(z > thr, z, _zero(z, xp))
+    if arch == "topafa":
+        a = _relu(z, xp)
+        return xp.where(_afa_mask(a, _row_norms(sae.W_dec, xp), xc, xp), a, _zero(a, xp))
+    raise AssertionError(arch)
+
+
+def _mp_inference(sae, xc, xp):
+    """MP-SAE inference through the library's matching pursuit when it is available."""
+    try:
+        from .pursuits import matching_pursuit
+    except ImportError:
+        return _mp_forward(sae, xc, xp)[0]
+    kwargs = {"n_nonzero": int(sae.k)}
+    if sae.mp_tol is not None:
+        kwargs["tol"] = sae.mp_tol
+    try:
+        return matching_pursuit(xc, sae.W_dec, **kwargs).codes
+    except Exception:  # pragma: no cover - interface drift: keep the model usable
+        return _mp_forward(sae, xc, xp)[0]
+
+
+# =========================================================================== loss and gradient
+def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, k_aux=None,
+                  afa_coefficient=0.0, aux_target=None, need_grad=True):
+    """Training loss of ``sae`` on the batch ``X (n, d_in)`` and its gradient, by hand.
+
+    ``penalty`` is ``lam`` of the L1/L0 family (defaults to ``sae.l1_coefficient``);
+    ``aux_coefficient``, ``dead_mask`` (bool (d_sae,)) and ``k_aux`` drive AuxK for the TopK
+    family; ``afa_coefficient`` weights the AFA loss of ``topafa``. The input is used as
+    given (``input_scale`` is the caller's business). AuxK's target ``e = x - x_hat`` is a
+    stop-gradient (no gradient flows through it, as in Gao et al.); ``aux_target`` (n, d_in)
+    replaces it by a given constant, which makes the AuxK term an ordinary differentiable
+    function of the parameters (used to check its gradient by finite differences).
+
+    Returns ``(loss, grads, stats)``: ``loss`` a float; ``grads`` a dict with the same keys
+    as ``sae.params`` (``None`` when ``need_grad`` is False); ``stats`` a dict with ``mse``,
+    ``penalty_loss``, ``aux_loss``, ``afa_loss``, ``l0`` (mean active latents per row),
+    ``sse`` and ``sst`` (sums for the FVU), ``fired`` (bool (d_sae,): latents active in the
+    batch) and, for ``batchtopk``, ``min_kept`` (smallest kept activation).
+    """
+    xp = sae.xp
+    arch = sae.architecture
+    P = sae.params
+    W_enc, b_enc, W_dec, b_dec = P["W_enc"], P["b_enc"], P["W_dec"], P["b_dec"]
+    n = X.shape[0]
+    dt = X.dtype
+    lam = sae.l1_coefficient if penalty is None else float(penalty)
+    if arch in PENALTY_ARCHITECTURES and lam is None:
+        lam = 0.0
+    zero = _zero(X, xp)
+    xc = X - b_dec if sae.apply_b_dec_to_input else X
+    stats = {"penalty_loss": 0.0, "aux_loss": 0.0, "afa_loss": 0.0}
+    G = {key: None for key in P}
+    g_xc_direct = None  # gradient reaching xc other than through z = xc @ W_enc
+    g_Wdec_extra = None  # gradient on W_dec besides f.T @ g_xhat
+
+    # ------------------------------------------------------------- MP-SAE: its own path
+    if arch == "mpsae":
+        codes, r, steps = _mp_forward(sae, xc, xp, record=need_grad)
+        sse = float(xp.sum(r * r))
+        loss = sse / n
+        stats.update(_common_stats(codes, X, sse, xp))
+        if not need_grad:
+            return loss, None, stats
+        g_r = (2.0 / n) * r
+        idx_all, rows_all = [], []
+        for j, c, active, r_t in reversed(steps):
+            d = xp.take(W_dec, j, axis=0)
+            g_c = -xp.sum(g_r * d, axis=1)
+            g_c = xp.where(active, g_c, xp.zeros_like(g_c))
+            idx_all.append(j)
+            rows_all.append(-c[:, None] * g_r + g_c[:, None] * r_t)
+            g_r = g_r + g_c[:, None] * d
+        G["W_dec"] = _scatter_rows(xp.concat(idx_all), xp.concat(rows_all, axis=0), sae.d_sae, xp)
+        G["W_enc"] = xp.zeros_like(W_enc)
+        G["b_enc"] = xp.zeros_like(b_enc)
+        G["b_dec"] = -xp.sum(g_r, axis=0) if sae.apply_b_dec_to_input else xp.zeros_like(b_dec)
+        return loss, G, stats
+
+    # ------------------------------------------------------------- LISTA: its own path
+    if arch == "lista":
+        f, zs, cache, betas = _lista_forward(sae, xc, xp, record=need_grad)
+        Xh = _codes_matmul(f, W_dec, xp) + b_dec
+        R = Xh - X
+        sse = float(xp.sum(R * R))
+        pen = lam * float(xp.sum(f)) / n
+        stats["penalty_loss"] = pen
+        stats.update(_common_stats(f, X, sse, xp))
+        loss = sse / n + pen
+        if not need_grad:
+            return loss, None, stats
+        g_xh = (2.0 / n) * R
+        g_Wdec = _codes_tmatmul(f, g_xh, xp)
+        g_bdec = xp.sum(g_xh, axis=0)
+        T = len(zs)
+        g_z = [None] * T
+        last_mask = cache[-1][2] > 0
+        g_z[T - 1] = _masked_matmul_t(g_xh, W_dec, last_mask, xp) + xp.where(last_mask, lam / n, zero)
+        g_Wenc = xp.zeros_like(W_enc)
+        g_benc = xp.zeros_like(b_enc)
+        g_xc = xp.zeros_like(xc)
+        for t in range(T - 1, -1, -1):
+            y, e, u = cache[t]
+            if g_z[t] is None:
+                continue
+            g_u = xp.where(u > 0, g_z[t], zero)
+            g_benc = g_benc + xp.sum(g_u, axis=0)
+            g_Wenc = g_Wenc + _codes_tmatmul(g_u, e, xp).T
+            g_e = g_u @ W_enc.T
+            g_xc = g_xc + g_e
+            if t > 0:
+                g_y = g_u - g_e @ W_dec.T
+                g_Wdec = g_Wdec - _codes_tmatmul(y, g_e, xp)
+                beta = betas[t]
+                add1 = (1.0 + beta) * g_y if beta != 0.0 else g_y
+                g_z[t - 1] = add1 if g_z[t - 1] is None else g_z[t - 1] + add1
+                if beta != 0.0 and t >= 2:
+                    add0 = -beta * g_y
+                    g_z[t - 2] = add0 if g_z[t - 2] is None else g_z[t - 2] + add0
+        G.update(W_enc=g_Wenc, b_enc=g_benc, W_dec=g_Wdec,
+                 b_dec=g_bdec - xp.sum(g_xc, axis=0) if sae.apply_b_dec_to_input else g_bdec)
+        return loss, G, stats
+
+    # ------------------------------------------------------------- one-layer encoders
+    z = xc @ W_enc + b_enc
+    nu = None
+    if arch == "relu" or arch == "relu_april":
+        active = z > 0
+    elif arch == "topk":
+        active = xp.logical_and(_top_k_mask(z, sae.k, xp), z > 0)
+    elif arch == "abstopk":
+        active = _top_k_mask(xp.abs(z), sae.k, xp)
+    elif arch == "batchtopk":
+        a = _relu(z, xp)
+        flat = xp.reshape(a, (1, n * sae.d_sae))
+        active = xp.logical_and(xp.reshape(_top_k_mask(flat, min(sae.k * n, n * sae.d_sae), xp), z.shape), z > 0)
+    elif arch == "jumprelu":
+        theta = xp.exp(P["log_threshold"])
+        active = z > theta
+    elif arch == "topafa":
+        nu = _row_norms(W_dec, xp)
+        a = _relu(z, xp)
+        active = xp.logical_and(_afa_mask(a, nu, xc, xp), z > 0)
+    else:  # pragma: no cover
+        raise AssertionError(arch)
+    f = xp.where(active, z, zero)
+    Xh = _codes_matmul(f, W_dec, xp) + b_dec
+    R = Xh - X
+    sse = float(xp.sum(R * R))
+    loss = sse / n
+    stats.update(_common_stats(f, X, sse, xp))
+    if arch == "batchtopk":
+        n_act = int(xp.sum(xp.astype(active, xp.int64)))
+        stats["min_kept"] = float(xp.min(xp.where(active, z, xp.full_like(z, float("inf"))))) if n_act else 0.0
+
+    # penalties (value; their gradients are added below)
+    if arch == "relu":
+        pen = lam * float(xp.sum(f)) / n
+    elif arch == "relu_april":
+        nu = _row_norms(W_dec, xp)
+        pen = lam * float(xp.sum(xp.sum(f, axis=0) * nu)) / n
+    elif arch == "jumprelu":
+        pen = lam * float(xp.sum(xp.astype(active, dt))) / n
+    else:
+        pen = 0.0
+    stats["penalty_loss"] = pen
+    loss += pen
+
+    afa = None
+    if arch == "topafa" and afa_coefficient:
+        A_norm = xp.sqrt(xp.sum((f * nu) ** 2, axis=1))
+        B_norm = xp.sqrt(xp.sum(xc * xc, axis=1))
+        diff = A_norm - B_norm
+        afa = float(afa_coefficient) * float(xp.sum(diff * diff)) / n
+        stats["afa_loss"] = afa
+        loss += afa
+
+    aux = None
+    use_aux = (arch in AUXK_ARCHITECTURES and aux_coefficient and dead_mask is not None
+               and bool(xp.any(dead_mask)))
+    if use_aux:
+        n_dead = int(xp.sum(xp.astype(dead_mask, xp.int64)))
+        ka = min(int(k_aux if k_aux is not None else max(sae.d_in // 2, 1)), n_dead)
+        score = xp.where(dead_mask[None, :], z if arch != "abstopk" else xp.abs(z), xp.full_like(z, -float("inf")))
+        aux_mask = _top_k_mask(score, ka, xp)
+        aux_mask = xp.logical_and(aux_mask, dead_mask[None, :])
+        if arch != "abstopk":
+            aux_mask = xp.logical_and(aux_mask, z > 0)
+        f_aux = xp.where(aux_mask, z, zero)
+        E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
+        E_hat = _codes_matmul(f_aux, W_dec, xp)
+        den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
+        den = den if den > 0 else 1.0
+        D_aux = E_hat - E
+        aux = float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den
+        stats["aux_loss"] = aux
+        loss += aux
+
+    if not need_grad:
+        return loss, None, stats
+
+    g_xh = (2.0 / n) * R
+    g_Wdec = _codes_tmatmul(f, g_xh, xp)
+    g_bdec = xp.sum(g_xh, axis=0)
+    # gradient w.r.t. z restricted to where it can be non-zero
+    if arch == "jumprelu":
+        eps = sae.bandwidth
+        band = xp.abs(z - theta) < eps / 2
+        need = xp.logical_or(active, band)
+        g_f = _masked_matmul_t(g_xh, W_dec, need, xp)
+        g_z = xp.where(active, g_f, zero)
+        kern = xp.astype(band, dt)
+        # pseudo-derivatives: d f / d theta = -(theta/eps) K, d H / d theta = -(1/eps) K
+        g_theta = -(theta / eps) * xp.sum(g_f * kern, axis=0) - (lam / (n * eps)) * xp.sum(kern, axis=0)
+        G["log_threshold"] = g_theta * theta
+    else:
+        g_f = _masked_matmul_t(g_xh, W_dec, active, xp)
+        if arch == "relu":
+            g_f = g_f + xp.where(active, lam / n, zero)
+        elif arch == "relu_april":
+            g_f = g_f + xp.where(active, (lam / n) * nu, zero)
+            col = xp.sum(f, axis=0)
+            g_nu = (lam / n) * col
+            g_Wdec_extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
+        if afa is not None:
+            safeA = xp.where(A_norm > 0, A_norm, xp.ones_like(A_norm))
+            safeB = xp.where(B_norm > 0, B_norm, xp.ones_like(B_norm))
+            coef = (2.0 * float(afa_coefficient) / n) * diff
+            coefA = xp.where(A_norm > 0, coef / safeA, xp.zeros_like(coef))
+            g_f = g_f + xp.where(active, coefA[:, None] * f * (nu * nu), zero)
+            g_nu = xp.sum(coefA[:, None] * f * f, axis=0) * nu
+            extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
+            g_Wdec_extra = extra if g_Wdec_extra is None else g_Wdec_extra + extra
+            coefB = xp.where(B_norm > 0, -coef / safeB, xp.zeros_like(coef))
+            g_xc_direct = coefB[:, None] * xc
+        g_z = g_f  # already zero outside `active`
+    if aux is not None:
+        g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
+        g_Wdec = g_Wdec + _codes_tmatmul(f_aux, g_eh, xp)
+        g_z = g_z + _masked_matmul_t(g_eh, W_dec, aux_mask, xp)
+    if g_Wdec_extra is not None:
+        g_Wdec = g_Wdec + g_Wdec_extra
+    g_benc = xp.sum(g_z, axis=0)
+    G["W_enc"] = _codes_tmatmul(g_z, xc, xp).T
+    G["b_enc"] = g_benc
+    G["W_dec"] = g_Wdec
+    if sae.apply_b_dec_to_input:
+        g_bdec = g_bdec - g_benc @ W_enc.T  # = - sum_i (g_z_i @ W_enc.T), summed before the product
+        if g_xc_direct is not None:
+            g_bdec = g_bdec - xp.sum(g_xc_direct, axis=0)
+    elif g_xc_direct is not None:
+        g_bdec = g_bdec - xp.sum(g_xc_direct, axis=0)
+    G["b_dec"] = g_bdec
+    return loss, G, stats
+
+
+def _common_stats(f, X, sse, xp):
+    n = X.shape[0]
+    nz = f != 0
+    sst = float(xp.sum((X - xp.mean(X, axis=0)) ** 2))
+    return {
+        "mse": sse / n,
+        "sse": sse,
+        "sst": sst,
+        "l0": float(xp.sum(xp.astype(nz, xp.int64))) / n,
+        "fired": xp.any(nz, axis=0),
+    }
+
+
+# =========================================================================== save / load
+def save_sae(sae, folder):
+    """Write ``sae`` to ``folder`` in SAELens' layout; returns the folder path.
+
+    ``cfg.json`` holds SAELens' keys (``d_in``, ``d_sae``, ``dtype``, ``device``,
+    ``architecture``, ``apply_b_dec_to_input``, ``normalize_activations``,
+    ``reshape_activations``, ``k`` for TopK, and ``metadata`` with ``sae_lens_version``
+    >= 6.0.0) plus a ``sparsecode`` block that restores our exact architecture and options.
+    ``sae_weights.safetensors`` holds ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec`` and, for
+    JumpReLU and BatchTopK (saved as SAELens' ``jumprelu``), ``threshold``.
+
+    ``input_scale`` is folded into the weights (``W_enc * s``, ``W_dec / s``, ``b_dec / s``),
+    which is exact for every encoder except MP-SAE (whose pursuit assumes unit-norm rows):
+    there the scale is kept in the ``sparsecode`` block.
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    s = sae.input_scale
+    fold = s != 1.0 and sae.architecture != "mpsae"
+    W_enc = to_numpy(sae.W_enc)
+    W_dec = to_numpy(sae.W_dec)
+    b_dec = to_numpy(sae.b_dec)
+    if fold:
+        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": to_numpy(sae.b_enc), "b_dec": b_dec}
+    thr = sae.threshold
+    if thr is not None:
+        tensors["threshold"] = to_numpy(thr)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arch = sae.architecture
+    cfg = {
+        "architecture": _SAELENS_ARCH.get(arch) or arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": _dtype_name(sae.dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            **{key: sae.metadata.get(key) for key in ("model_name", "hook_name", "hook_layer", "context_size",
+                                                         "dataset_path", "prepend_bos") if key in sae.metadata},
+        },
+        "sparsecode": {
+            "format": SPARSECODE_SAE_FORMAT,
+            "architecture": arch,
+            "k": sae.k,
+            "l1_coefficient": sae.l1_coefficient,
+            "bandwidth": sae.bandwidth,
+            "batch_threshold": sae.batch_threshold,
+            "lista_steps": sae.lista_steps,
+            "lista_fista": sae.lista_fista,
+            "mp_tol": sae.mp_tol,
+            "input_scale": 1.0 if fold else s,
+            "extra_metadata": _jsonable(sae.metadata),
+        },
+    }
+    if arch == "topk" or arch == "batchtopk":
+        cfg["k"] = sae.k
+    tmp_w = os.path.join(folder, "sae_weights.safetensors.tmp")
+    save_file(tensors, tmp_w)
+    os.replace(tmp_w, os.path.join(folder, "sae_weights.safetensors"))
+    tmp_c = os.path.join(folder, "cfg.json.tmp")
+    with open(tmp_c, "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    os.replace(tmp_c, os.path.join(folder, "cfg.json"))
+    return folder
+
+
+def _jsonable(d):
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = str(v)
+    return out
+
+
+def load_sae(folder, *, like=None):
+    """Read an SAE from ``folder``: our/SAELens layout (``cfg.json`` + ``sae_weights.safetensors``)
+    or sparsify's (``cfg.json`` + ``sae.safetensors`` with ``encoder.weight (d_sae, d_in)``,
+    ``encoder.bias``, ``W_dec``, ``b_dec``, and ``k`` in the config)."""
+    from safetensors.numpy import load_file
+
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path, got {type(folder).__name__}")
+    folder = os.fspath(folder)
+    cfg_path = os.path.join(folder, "cfg.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no cfg.json in {folder!r}: not a saved SAE")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    ref = like
+    conv = (lambda a: a) if ref is None else (lambda a: asarray_like(a, ref, dtype=ref.dtype))
+    if os.path.isfile(os.path.join(folder, "sae.safetensors")):
+        return _load_sparsify(folder, cfg, conv)
+    wpath = os.path.join(folder, "sae_weights.safetensors")
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"no sae_weights.safetensors (SAELens) or sae.safetensors (sparsify) in {folder!r}")
+    T = load_file(wpath)
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        if key not in T:
+            raise ValueError(f"{wpath} has no tensor {key!r}: not an SAE in SAELens' layout")
+    sc = cfg.get("sparsecode") or {}
+    if sc:
+        arch = sc["architecture"]
+    else:
+        a = cfg.get("architecture", "standard")
+        if a not in ("standard", "topk", "jumprelu", "batchtopk"):
+            raise ValueError(f"SAELens architecture {a!r} is not supported (standard, topk, jumprelu, batchtopk)")
+        arch = {"standard": "relu"}.get(a, a)
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    if tuple(T["W_dec"].shape) != (d_sae, d_in):
+        raise ValueError(f"W_dec has shape {T['W_dec'].shape} but cfg.json says (d_sae, d_in) = ({d_sae}, {d_in})")
+    log_thr = None
+    batch_thr = sc.get("batch_threshold")
+    if arch == "jumprelu":
+        if "threshold" not in T:
+            raise ValueError("a JumpReLU SAE needs a 'threshold' tensor")
+        log_thr = conv(np.log(np.maximum(T["threshold"], np.finfo(T["threshold"].dtype).tiny)))
+    if arch == "batchtopk" and batch_thr is None and "threshold" in T:
+        batch_thr = float(np.mean(T["threshold"]))
+    k = sc.get("k", cfg.get("k"))
+    meta = dict(sc.get("extra_metadata") or {})
+    for key, v in (cfg.get("metadata") or cfg.get("meta") or {}).items():
+        meta.setdefault(key, v)
+    return SparseAutoencoder(
+        conv(T["W_enc"]), conv(T["b_enc"]), conv(T["W_dec"]), conv(T["b_dec"]), architecture=arch,
+        k=None if k is None else int(k), log_threshold=log_thr, l1_coefficient=sc.get("l1_coefficient"),
+        bandwidth=sc.get("bandwidth", 0.001), batch_threshold=batch_thr, lista_steps=sc.get("lista_steps", 3),
+        lista_fista=sc.get("lista_fista", False), mp_tol=sc.get("mp_tol"), input_scale=sc.get("input_scale", 1.0),
+        apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True), metadata=meta,
+    )
+
+
+def _load_sparsify(folder, cfg, conv):
+    from safetensors.numpy import load_file
+
+    T = load_file(os.path.join(folder, "sae.safetensors"))
+    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+        if key not in T:
+            raise ValueError(f"sparsify checkpoint in {folder!r} has no tensor {key!r}")
+    if "k" not in cfg:
+        raise ValueError(f"sparsify cfg.json in {folder!r} has no 'k'")
+    enc = T["encoder.weight"]
+    d_sae, d_in = enc.shape
+    if tuple(T["W_dec"].shape) != (d_sae, d_in):
+        raise ValueError(f"W_dec has shape {T['W_dec'].shape}, expected ({d_sae}, {d_in}) from encoder.weight")
+    return SparseAutoencoder(conv(np.ascontiguousarray(enc.T)), conv(T["encoder.bias"]), conv(T["W_dec"]),
+                             conv(T["b_dec"]), architecture="topk", k=int(cfg["k"]),
+                             metadata={"source": "sparsify", **{k: v for k, v in cfg.items() if k != "k"}})
+
+
+# =========================================================================== amortization gap
+def amortization_gap(sae, X, *, method=None, alpha=None, n_nonzero=None, max_iter=2000, tol=1e-6):
+    """How far the SAE's amortized codes are from a proper solve on its own decoder.
+
+    The dictionary is ``W_dec`` and the signals the centred inputs ``xc = x * input_scale -
+    b_dec`` (the SAE decodes ``f @ W_dec + b_dec``). For the L1 family (``relu``,
+    ``relu_april``, ``lista``) the problem is the SAE's own objective, the non-negative Lasso
+    ``0.5 ||xc - a @ W_dec||^2 + alpha . |a|`` with ``alpha = lam / 2`` (per latent
+    ``lam ||d_j|| / 2`` for ``relu_april``), solved by FISTA (``method="fista"``). For the
+    others the problem is ``min ||xc - a @ W_dec||^2`` with ``||a||_0 <= k`` (``k`` the SAE's, or
+    the rounded mean L0 of its codes for JumpReLU, BatchTopK and top-AFA), solved by OMP
+    (``method="omp"``, default) or IHT (``"iht"``), non-negative when the SAE's codes are.
+
+    Returns a dict: ``method``, ``alpha`` or ``n_nonzero``, ``sae_fvu``, ``solver_fvu``,
+    ``sae_l0``, ``solver_l0``, ``sae_objective`` and ``solver_objective`` (means over rows of
+    the per-row objective above), ``objective_gap`` (their difference; >= 0 up to the solver's
+    tolerance) and ``relative_gap`` (gap / SAE objective), and ``solver_result``.
+    """
+    if not isinstance(sae, SparseAutoencoder):
+        raise TypeError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
+    X2, _ = sae._check_input(X)
+    xp = sae.xp
+    xc = X2 * sae.input_scale - sae.b_dec
+    W = sae.W_dec
+    F = _encode_inference(sae, sae._centre(X2))
+    arch = sae.architecture
+    l1_family = arch in ("relu", "relu_april", "lista")
+    if method is None:
+        method = "fista" if l1_family else "omp"
+    if method not in ("fista", "omp", "iht"):
+        raise ValueError(f"method must be 'fista', 'omp' or 'iht', got {method!r}")
+    sst = float(xp.sum((xc - xp.mean(xc, axis=0)) ** 2))
+    positive = arch in POSITIVE_ARCHITECTURES
+    out = {"method": method, "architecture": arch}
+    R_sae = xc - _codes_matmul(F, W, xp)
+    l0_sae = float(xp.sum(xp.astype(F != 0, xp.int64))) / X2.shape[0]
+    if method == "fista":
+        from .lasso import fista
+
+        if alpha is None:
+            if sae.l1_coefficient is None:
+                raise ValueError("alpha not given and the SAE has no l1_coefficient: pass alpha")
+            alpha = sae.l1_coefficient / 2.0
+            if arch == "relu_april":
+                alpha = alpha * _row_norms(W, xp)
+        res = fista(xc, W, alpha, positive=positive, max_iter=max_iter, tol=tol, restart="gradient")
+        A = res.codes
+        a_vec = alpha if isinstance(alpha, float) else alpha[None, :]
+        obj_sae = 0.5 * xp.sum(R_sae * R_sae, axis=1) + xp.sum(xp.abs(F) * a_vec, axis=1)
+        R_sol = xc - A @ W
+        obj_sol = 0.5 * xp.sum(R_sol * R_sol, axis=1) + xp.sum(xp.abs(A) * a_vec, axis=1)
+        out["alpha"] = alpha if isinstance(alpha, float) else to_numpy(alpha)
+        out["solver_max_relative_gap"] = float(xp.max(res.relative_gap))
+    else:
+        from . import pursuits
+
+        if n_nonzero is None:
+            n_nonzero = sae.k if arch in ("topk", "abstopk", "mpsae") else max(1, int(round(l0_sae)))
+        n_nonzero = check_scalar(n_nonzero, "n_nonzero", low=1, integer=True)
+        if method == "omp":
+            res = pursuits.omp(xc, W, n_nonzero=n_nonzero, positive=positive)
+        else:
+            res = pursuits.iht(xc, W, n_nonzero)
+        A = res.codes
+        R_sol = xc - A @ W
+        obj_sae = xp.sum(R_sae * R_sae, axis=1)
+        obj_sol = xp.sum(R_sol * R_sol, axis=1)
+        out["n_nonzero"] = n_nonzero
+    s_obj, o_obj = float(xp.mean(obj_sae)), float(xp.mean(obj_sol))
+    out.update(
+        sae_fvu=float(xp.sum(R_sae * R_sae)) / sst if sst > 0 else float("nan"),
+        solver_fvu=float(xp.sum(R_sol * R_sol)) / sst if sst > 0 else float("nan"),
+        sae_l0=l0_sae,
+        solver_l0=float(xp.sum(xp.astype(A != 0, xp.int64))) / X2.shape[0],
+        sae_objective=s_obj,
+        solver_objective=o_obj,
+        objective_gap=s_obj - o_obj,
+        relative_gap=(s_obj - o_obj) / s_obj if s_obj > 0 else 0.0,
+        solver_result=res,
+    )
+    return out
+
+
+# =========================================================================== `sparsecode encode`
+def configure_parser(parser):
+    """Options of ``sparsecode encode``."""
+    parser.add_argument("store", help="activation store: an extraction folder or a .npy/.npz/.safetensors file")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--sae", help="folder of a saved SAE (ours, SAELens or sparsify)")
+    src.add_argument("--dictionary", help=".npy file of a dictionary (n_atoms, d_in) for a solver")
+    parser.add_argument("--method", default="fista", choices=["fista", "ista", "mp", "omp", "iht"],
+                        help="solver used with --dictionary (default fista)")
+    parser.add_argument("--alpha", type=float, default=None, help="Lasso penalty for fista/ista")
+    parser.add_argument("--k", type=int, default=None, help="non-zeros per row for mp/omp/iht")
+    parser.add_argument("--out", required=True, help="output .npz (sparse CSR codes, scipy.sparse.save_npz)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--max-rows", type=int, default=None, help="encode at most this many rows")
+    parser.add_argument("--split", default="all", choices=["all", "train", "holdout"])
+
+
+def run_cli(args) -> int:
+    """``sparsecode encode``: codes of every row of a store, written as a sparse matrix."""
+    import scipy.sparse as sp
+
+    from .store import ActivationStore
+
+    store = ActivationStore(args.store)
+    if args.sae:
+        sae = load_sae(args.sae)
+        dtype = np.dtype(_dtype_name(sae.dtype))
+
+        def enc(B):
+            return to_numpy(sae.encode(np.asarray(B, dtype=dtype))), to_numpy(sae.forward(np.asarray(B, dtype=dtype)))
+    else:
+        from .encode import get_solver
+
+        D = np.load(args.dictionary)
+        opts = {}
+        if args.method in ("fista", "ista"):
+            if args.alpha is None:
+                print("sparsecode encode: --alpha is needed with --method fista/ista", flush=True)
+                return 2
+            opts["alpha"] = args.alpha
+        else:
+            if args.k is None:
+                print("sparsecode encode: --k is needed with --method mp/omp/iht", flush=True)
+                return 2
+            opts["n_nonzero"] = args.k
+        solver = get_solver(args.method)
+
+        def enc(B):
+            B = np.asarray(B, dtype=D.dtype)
+            A = to_numpy(solver(B, D, **opts).codes)
+            return A, A @ D
+    parts, sse, n_rows, l0 = [], 0.0, 0, 0
+    sum_x, sum_x2 = 0.0, 0.0
+    for B in store.iter_batches(args.batch_size, shuffle=False, split=args.split):
+        B = to_numpy(B)
+        if args.max_rows is not None and n_rows >= args.max_rows:
+            break
+        if args.max_rows is not None:
+            B = B[: args.max_rows - n_rows]
+        A, Xh = enc(B)
+        sse += float(np.sum((B - Xh) ** 2))
+        sum_x = sum_x + B.sum(axis=0, dtype=np.float64)
+        sum_x2 += float(np.sum(B.astype(np.float64) ** 2))
+        parts.append(sp.csr_matrix(A))
+        l0 += int(np.count_nonzero(A))
+        n_rows += B.shape[0]
+    if not parts:
+        print("sparsecode encode: the store yielded no rows", flush=True)
+        return 1
+    codes = sp.vstack(parts).tocsr()
+    sp.save_npz(args.out, codes)
+    sst = sum_x2 - float(np.sum(np.asarray(sum_x) ** 2)) / n_rows
+    print(f"encoded {n_rows} rows -> {args.out}: L0 {l0 / n_rows:.2f}, FVU {sse / sst if sst > 0 else float('nan'):.4f}")
+    return 0
+
+
+# train_sae lives in sae_train (optimiser, data stream, checkpoints); re-exported here.
+from .sae_train import train_sae  # noqa: E402
