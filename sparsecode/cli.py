@@ -14,6 +14,7 @@ from importlib import import_module
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("sparsecode.demo", "run the whole path on the built-in default and show the results"),
+    "report": ("sparsecode.report", "write a static HTML feature browser for a dictionary or an SAE on a store"),
     "extract": ("sparsecode.extract", "extract a transformer layer's activations to shards (resumable)"),
 }
 

@@ -209,6 +209,8 @@ def collect_feature_stats(
     max_rows: int | None = None,
     split: str = "all",
     threshold: float = 0.0,
+    dictionary=None,
+    bias=None,
     seed: int = 0,
     progress: bool = False,
 ) -> FeatureStats:
@@ -223,8 +225,11 @@ def collect_feature_stats(
     n_top : top rows kept per feature; n_samples : size of the per-feature uniform sample.
     max_rows : stop after this many rows; split : the store split to read.
     threshold : a feature fires where ``|code| > threshold``.
+    dictionary, bias : decoder rows (n_atoms, d_in) and decoder bias (d_in,); when the
+        dictionary is given, the mean and standard deviation of the AFA ratio
+        (:func:`sparsecode.metrics.afa_ratio`) over the rows are added to the metrics.
     """
-    from .metrics import FVUAccumulator, SparsityAccumulator
+    from .metrics import FVUAccumulator, SparsityAccumulator, afa_ratio
 
     n_top = check_scalar(n_top, "n_top", low=1, integer=True)
     n_samples = check_scalar(n_samples, "n_samples", low=1, integer=True)
@@ -239,6 +244,10 @@ def collect_feature_stats(
     top_v = top_r = smp_k = smp_v = smp_r = None
     counts = sums = maxima = None
     n_rows = 0
+    afa_n, afa_s, afa_ss = 0, 0.0, 0.0
+    if dictionary is not None:
+        dictionary = np.asarray(to_numpy(dictionary), np.float64)
+        bias = None if bias is None else np.asarray(to_numpy(bias), np.float64)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -253,6 +262,10 @@ def collect_feature_stats(
         if An.ndim != 2 or An.shape[0] != rows.shape[0]:
             raise ValueError(f"encode returned shape {An.shape} for a batch of {rows.shape[0]} rows")
         sp_acc.update(An)
+        if dictionary is not None:
+            r = afa_ratio(np.asarray(to_numpy(X), np.float64), An, dictionary, bias=bias)
+            r = r[np.isfinite(r)]
+            afa_n, afa_s, afa_ss = afa_n + r.size, afa_s + float(r.sum()), afa_ss + float((r * r).sum())
         k = An.shape[1]
         if top_v is None:
             top_v = np.full((k, 0), -np.inf)
@@ -305,6 +318,10 @@ def collect_feature_stats(
         "dense_fraction": sp_acc.dense_fraction(),
         "density": sp_acc.density(),
     }
+    if afa_n:
+        m = afa_s / afa_n
+        metrics["afa_ratio_mean"] = m
+        metrics["afa_ratio_std"] = math.sqrt(max(afa_ss / afa_n - m * m, 0.0))
     if fvu_acc is not None:
         metrics["fvu"] = fvu_acc.value
         metrics["mse"] = fvu_acc.mse
