@@ -502,8 +502,14 @@ def _mp_forward(sae, xc, xp, record=False):
     ar = xp.arange(m, device=_device(xc))
     steps = []
     positive = False  # MP-SAE codes are signed (bidirectional atoms), as in classical MP
-    for _ in range(int(sae.k)):
-        C = r @ W.T
+    # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
+    # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same values either way.
+    use_gram = int(sae.k) * n > m
+    Gm = W @ W.T if use_gram else None
+    C = r @ W.T
+    for t in range(int(sae.k)):
+        if t > 0 and not use_gram:
+            C = r @ W.T
         j = xp.argmax(C if positive else xp.abs(C), axis=1)
         onehot = ar[None, :] == j[:, None]
         c_pre = xp.sum(xp.where(onehot, C, _zero(C, xp)), axis=1)
@@ -516,6 +522,8 @@ def _mp_forward(sae, xc, xp, record=False):
             steps.append((j, c, active, r))
         r = r - c[:, None] * d
         codes = codes + xp.where(onehot, c[:, None], _zero(C, xp))
+        if use_gram:
+            C = C - c[:, None] * xp.take(Gm, j, axis=0)
     return codes, r, steps
 
 
@@ -821,8 +829,6 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         g_bdec = g_bdec - g_benc @ W_enc.T  # = - sum_i (g_z_i @ W_enc.T), summed before the product
         if g_xc_direct is not None:
             g_bdec = g_bdec - xp.sum(g_xc_direct, axis=0)
-    elif g_xc_direct is not None:
-        g_bdec = g_bdec - xp.sum(g_xc_direct, axis=0)
     G["b_dec"] = g_bdec
     return loss, G, stats
 
@@ -1104,7 +1110,7 @@ def run_cli(args) -> int:
 
     from .store import ActivationStore
 
-    store = ActivationStore(args.store)
+    store = ActivationStore(args.store if os.path.isdir(args.store) else [args.store])
     if args.sae:
         sae = load_sae(args.sae)
         dtype = np.dtype(_dtype_name(sae.dtype))

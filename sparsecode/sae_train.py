@@ -275,7 +275,7 @@ def train_sae(data, d_sae, architecture="topk", k=32, *, n_tokens=None, n_steps=
     if xp is None:
         xp = data_xp
     d_in = int(src.d_in)
-    n_rows = int(getattr(src, "n_rows", 0) or len(src))
+    n_rows = int(getattr(src, "n_train", None) or getattr(src, "n_rows", 0) or len(src))
     d_sae = check_scalar(d_sae, "d_sae", low=1, integer=True)
     batch_size = check_scalar(batch_size, "batch_size", low=1, integer=True)
     batch_size = min(batch_size, n_rows)
