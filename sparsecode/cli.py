@@ -16,6 +16,8 @@ COMMANDS = {
     "demo": ("sparsecode.demo", "run the whole path on the built-in default and show the results"),
     "report": ("sparsecode.report", "write a static HTML feature browser for a dictionary or an SAE on a store"),
     "extract": ("sparsecode.extract", "extract a transformer layer's activations to shards (resumable)"),
+    "train": ("sparsecode.sae_train", "train a sparse autoencoder on an activation store and save it (SAELens layout)"),
+    "encode": ("sparsecode.sae", "encode an activation store with a saved SAE or a solver on a dictionary"),
 }
 
 
