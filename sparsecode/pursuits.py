@@ -784,7 +784,7 @@ def iht(
     done = []  # (indices, A, R, n_it, conv)
     Xa = X
     by = "value" if positive else "magnitude"
-    tiny = float(xp.finfo(X.dtype).tiny)
+    tiny = float(xp.finfo(X.dtype).smallest_normal)
     for _ in range(max_iter):
         if idx.shape[0] == 0:
             break
