@@ -149,9 +149,11 @@ def _scatter_rows(idx, R, m, xp):
     out = xp.zeros((m, R.shape[1]), dtype=R.dtype, device=_device(R))
     step = 4096
     ar = xp.arange(m, device=_device(R))
-    for s in range(0, idx.shape[0], step):
-        oh = xp.astype(ar[None, :] == idx[s:s + step, None], R.dtype)
-        out = out + oh.T @ R[s:s + step, :]
+    N = idx.shape[0]
+    for s in range(0, N, step):
+        e = min(s + step, N)
+        oh = xp.astype(ar[None, :] == idx[s:e, None], R.dtype)
+        out = out + oh.T @ R[s:e, :]
     return out
 
 
