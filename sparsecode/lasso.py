@@ -42,6 +42,8 @@ from .backend import (
     check_array,
     check_dictionary_problem,
     check_scalar,
+    get_kernel,
+    register_kernel,
     to_numpy,
 )
 from .result import ConvergenceHistory, SparseCodingResult
@@ -116,7 +118,25 @@ def _l1(A, alpha, xp):
 
 
 def _primal_dual(X, D, A, alpha, positive, xp, R=None):
-    """Per-sample primal objective and absolute duality gap (see module docstring)."""
+    """Per-sample primal objective and absolute duality gap (see module docstring).
+
+    Computed in float64 whatever the input dtype: in float32 the difference primal - dual
+    cancels to about 1e-6 relative, which would hide convergence below that. Results are
+    returned in the input dtype.
+    """
+    out_dtype = X.dtype
+    if X.dtype != xp.float64:
+        X, D, A = (xp.astype(M, xp.float64) for M in (X, D, A))
+        if not isinstance(alpha, float):
+            alpha = xp.astype(alpha, xp.float64)
+        R = None
+    primal, gap = _primal_dual64(X, D, A, alpha, positive, xp, R)
+    if out_dtype != xp.float64:
+        primal, gap = xp.astype(primal, out_dtype), xp.astype(gap, out_dtype)
+    return primal, gap
+
+
+def _primal_dual64(X, D, A, alpha, positive, xp, R=None):
     if R is None:
         R = X - A @ D  # residual
     C = R @ D.T  # correlations D r, (n, k)
@@ -292,9 +312,29 @@ def _proximal_gradient(
         if positive:
             A = xp.maximum(A, xp.zeros_like(A))
 
-    use_gram = gradient == "gram" or (gradient == "auto" and k <= 2 * f)
-    XDt = X @ D.T  # needed by the Gram form; cheap relative to the iterations
-    G = D @ D.T if use_gram else None
+    # A sparse Gram kernel (Numba, NumPy backend) makes Y @ G cost nnz(Y) * k instead of n * k^2,
+    # which beats the explicit form whenever the iterates are sparse; without it the choice
+    # is by dense flop count.
+    kernel = get_kernel("lasso_prox_grad_gram", xp) if not backtracking else None
+    gram_bytes = k * k * (4 if dtype == xp.float32 else 8)
+    if gradient == "auto":
+        use_gram = (kernel is not None and gram_bytes <= _GRAM_MAX_BYTES) or k <= 2 * f
+    else:
+        use_gram = gradient == "gram"
+    if not use_gram:
+        kernel = None
+    # Built once in float64 and rounded: in float32 the accumulated error of these products
+    # (~sqrt(n_features) * eps) moves the Gram-form fixed point by ~1e-6 relative.
+    if dtype == xp.float32 and use_gram:
+        X64, D64 = xp.astype(X, xp.float64), xp.astype(D, xp.float64)
+        XDt, G = xp.astype(X64 @ D64.T, dtype), xp.astype(D64 @ D64.T, dtype)
+    else:
+        XDt = X @ D.T  # needed by the Gram form; cheap relative to the iterations
+        G = D @ D.T if use_gram else None
+    thr_vec = None
+    if kernel is not None:
+        thr_vec = asarray_like(np.broadcast_to(to_numpy(alpha), (1, k))[0], X)
+    dense_iterates = False  # switch to BLAS when the iterates are too dense for the kernel
 
     def grad(Y, XDt_, X_):
         if use_gram:
@@ -335,11 +375,14 @@ def _proximal_gradient(
     it = 0
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
-        G_y = grad(Ya, XDta, Xa)
-        if backtracking:
-            Znew, La = _backtrack(Ya, G_y, Xa, La, prox, smooth, alpha, xp)
+        if kernel is not None and not dense_iterates:
+            Znew = kernel(Ya, G, XDta, 1.0 / L, thr_vec, positive)
         else:
-            Znew = prox(Ya - G_y / L, alpha / L)
+            G_y = grad(Ya, XDta, Xa)
+            if backtracking:
+                Znew, La = _backtrack(Ya, G_y, Xa, La, prox, smooth, alpha, xp)
+            else:
+                Znew = prox(Ya - G_y / L, alpha / L)
         iters = iters + 1
 
         if accelerated:
@@ -359,9 +402,6 @@ def _proximal_gradient(
             t_next = (1.0 + xp.sqrt(1.0 + 4.0 * t * t)) / 2.0
             beta = ((t - 1.0) / t_next)[:, None]
             Ya = Znew + beta * (Znew - Aa)
-            if positive:
-                # the extrapolated point may leave the orthant; the gradient step is still valid
-                pass
             t = t_next
         else:
             Ya = Znew
@@ -379,6 +419,8 @@ def _proximal_gradient(
             t0 = time.perf_counter()
             primal, gap = _primal_dual(Xa, D, Aa, alpha, positive, xp)
             conv = _relative(gap, primal, xp) <= tol
+            if kernel is not None:
+                dense_iterates = _density(Ya, xp) > _SPARSE_KERNEL_MAX_DENSITY
             n_conv = int(xp.sum(xp.astype(conv, xp.int64)))
             if n_conv:
                 sel = xp.nonzero(conv)[0]
@@ -433,6 +475,24 @@ def _proximal_gradient(
               "restart": restart, "backtracking": backtracking,
               **({"lipschitz_per_sample": La} if backtracking else {})},
     )
+
+
+_GRAM_MAX_BYTES = 1 << 30  # above this the Gram matrix costs more memory than it saves
+_SPARSE_KERNEL_MAX_DENSITY = 0.3  # measured: above ~30% non-zeros dense BLAS wins
+
+
+def _density(Y, xp):
+    return float(xp.mean(xp.astype(Y != 0, Y.dtype))) if Y.shape[0] else 0.0
+
+
+@register_kernel("lasso_prox_grad_gram", "numpy")
+def _prox_grad_gram_numpy(Y, G, C, inv_L, thr, positive):
+    from ._lasso_numba import prox_grad_gram
+
+    Y = np.ascontiguousarray(Y)
+    C = np.ascontiguousarray(C)
+    Z = np.empty_like(Y)
+    return prox_grad_gram(Y, G, C, Y.dtype.type(inv_L), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive), Z)
 
 
 def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):
