@@ -216,6 +216,100 @@ def _top_k_mask(score, k, xp):
     return ranks < k
 
 
+# ---------------------------------------------------------------- k-sparse codes (idx, vals)
+# Fixed-k encoders (TopK, AbsTopK, and AuxK's k_aux) keep their codes as ``idx (n, k)`` ints and
+# ``vals (n, k)``: every product then costs O(n k d) instead of O(n d_sae d). Portable versions
+# gather rows (``take`` + batched matmul) or build the dense matrix; the NumPy kernels wrap the
+# pairs in a CSR matrix without scanning anything dense.
+def _topk_indices(score, k, xp):
+    """Column indices of the ``k`` largest entries of each row (any order), shape (n, k)."""
+    kern = get_kernel("sae_topk_indices", xp)
+    if kern is not None:
+        return kern(score, k)
+    return xp.argsort(-score, axis=1, stable=True)[:, :k]
+
+
+def _ks_dense(idx, vals, m, xp):
+    """The dense (n, m) matrix of k-sparse codes."""
+    kern = get_kernel("sae_ks_dense", xp)
+    if kern is not None:
+        return kern(idx, vals, m)
+    ar = xp.arange(m, device=_device(vals))
+    out = xp.zeros((vals.shape[0], m), dtype=vals.dtype, device=_device(vals))
+    for c in range(idx.shape[1]):
+        out = out + xp.where(ar[None, :] == idx[:, c:c + 1], vals[:, c:c + 1], _zero(vals, xp))
+    return out
+
+
+def _ks_decode(idx, vals, W, xp):
+    """``S @ W`` for the k-sparse ``S`` given by (idx, vals): shape (n, d)."""
+    kern = get_kernel("sae_ks_decode", xp)
+    if kern is not None:
+        return kern(idx, vals, W)
+    n, k = idx.shape
+    Wg = xp.reshape(xp.take(W, xp.reshape(idx, (n * k,)), axis=0), (n, k, W.shape[1]))
+    return (vals[:, None, :] @ Wg)[:, 0, :]
+
+
+def _ks_sample(idx, G, W, xp):
+    """``(G @ W.T)`` at the entries (i, idx[i, c]) only: shape (n, k)."""
+    n, k = idx.shape
+    Wg = xp.reshape(xp.take(W, xp.reshape(idx, (n * k,)), axis=0), (n, k, W.shape[1]))
+    return (Wg @ G[:, :, None])[:, :, 0]
+
+
+def _ks_tmatmul(idx, vals, G, m, xp):
+    """``S.T @ G`` for the k-sparse ``S`` (n, m) and ``G (n, d)``: shape (m, d)."""
+    kern = get_kernel("sae_ks_tmatmul", xp)
+    if kern is not None:
+        return kern(idx, vals, G, m)
+    return _ks_dense(idx, vals, m, xp).T @ G
+
+
+def _ks_colsum(idx, vals, m, xp):
+    """Column sums of the k-sparse ``S``: shape (m,)."""
+    kern = get_kernel("sae_ks_colsum", xp)
+    if kern is not None:
+        return kern(idx, vals, m)
+    return xp.sum(_ks_dense(idx, vals, m, xp), axis=0)
+
+
+def _ks_csr(idx, vals, m):
+    import scipy.sparse as sp
+
+    n, k = idx.shape
+    return sp.csr_matrix((vals.reshape(-1), idx.reshape(-1), np.arange(0, n * k + 1, k)), shape=(n, m))
+
+
+@register_kernel("sae_topk_indices", "numpy")
+def _topk_indices_np(score, k):
+    if k >= score.shape[1]:
+        return np.broadcast_to(np.arange(score.shape[1]), score.shape).copy()
+    return np.argpartition(-score, k - 1, axis=1)[:, :k]
+
+
+@register_kernel("sae_ks_dense", "numpy")
+def _ks_dense_np(idx, vals, m):
+    out = np.zeros((vals.shape[0], m), dtype=vals.dtype)
+    np.put_along_axis(out, idx, vals, axis=1)  # indices of one row are distinct
+    return out
+
+
+@register_kernel("sae_ks_decode", "numpy")
+def _ks_decode_np(idx, vals, W):
+    return np.asarray(_ks_csr(idx, vals, W.shape[0]) @ W)
+
+
+@register_kernel("sae_ks_tmatmul", "numpy")
+def _ks_tmatmul_np(idx, vals, G, m):
+    return np.asarray(_ks_csr(idx, vals, m).T @ G)
+
+
+@register_kernel("sae_ks_colsum", "numpy")
+def _ks_colsum_np(idx, vals, m):
+    return np.bincount(idx.reshape(-1), weights=vals.reshape(-1), minlength=m).astype(vals.dtype)
+
+
 def _device(x):
     import array_api_compat
 
@@ -704,6 +798,11 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
                  b_dec=g_bdec - xp.sum(g_xc, axis=0) if sae.apply_b_dec_to_input else g_bdec)
         return loss, G, stats
 
+    # ------------------------------------------------------------- fixed-k encoders (k-sparse path)
+    if arch in ("topk", "abstopk"):
+        return _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_target, need_grad,
+                                      stats, xp)
+
     # ------------------------------------------------------------- one-layer encoders
     z = xc @ W_enc + b_enc
     nu = None
@@ -832,6 +931,68 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         if g_xc_direct is not None:
             g_bdec = g_bdec - xp.sum(g_xc_direct, axis=0)
     G["b_dec"] = g_bdec
+    return loss, G, stats
+
+
+def _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_target, need_grad, stats, xp):
+    """TopK / AbsTopK loss (MSE + AuxK) and gradient with codes kept as (idx, vals) pairs."""
+    P = sae.params
+    W_enc, b_enc, W_dec, b_dec = P["W_enc"], P["b_enc"], P["W_dec"], P["b_dec"]
+    n, m = X.shape[0], sae.d_sae
+    signed = sae.architecture == "abstopk"
+    z = xc @ W_enc + b_enc
+    k = min(int(sae.k), m)
+    idx = _topk_indices(xp.abs(z) if signed else z, k, xp)
+    v_pre = xp.take_along_axis(z, idx, axis=1)
+    vals = v_pre if signed else _relu(v_pre, xp)
+    Xh = _ks_decode(idx, vals, W_dec, xp) + b_dec
+    R = Xh - X
+    sse = float(xp.sum(R * R))
+    loss = sse / n
+    nz = vals != 0
+    sst = float(xp.sum((X - xp.mean(X, axis=0)) ** 2))
+    fired = _ks_colsum(idx, xp.astype(nz, X.dtype), m, xp) > 0
+    stats.update(mse=sse / n, sse=sse, sst=sst, l0=float(xp.sum(xp.astype(nz, xp.int64))) / n, fired=fired)
+
+    aux = None
+    if aux_coefficient and dead_mask is not None and bool(xp.any(dead_mask)):
+        n_dead = int(xp.sum(xp.astype(dead_mask, xp.int64)))
+        ka = min(int(k_aux if k_aux is not None else max(sae.d_in // 2, 1)), n_dead)
+        base = xp.abs(z) if signed else z
+        score = xp.where(dead_mask[None, :], base, xp.full_like(z, -float("inf")))
+        idx_a = _topk_indices(score, ka, xp)
+        va_pre = xp.take_along_axis(z, idx_a, axis=1)
+        vals_a = va_pre if signed else _relu(va_pre, xp)
+        E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
+        E_hat = _ks_decode(idx_a, vals_a, W_dec, xp)
+        den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
+        den = den if den > 0 else 1.0
+        D_aux = E_hat - E
+        aux = float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den
+        stats["aux_loss"] = aux
+        loss += aux
+    if not need_grad:
+        return loss, None, stats
+
+    g_xh = (2.0 / n) * R
+    g_Wdec = _ks_tmatmul(idx, vals, g_xh, m, xp)
+    g_v = _ks_sample(idx, g_xh, W_dec, xp)
+    if not signed:
+        g_v = xp.where(v_pre > 0, g_v, _zero(g_v, xp))
+    g_Wenc_T = _ks_tmatmul(idx, g_v, xc, m, xp)
+    g_benc = _ks_colsum(idx, g_v, m, xp)
+    if aux is not None:
+        g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
+        g_Wdec = g_Wdec + _ks_tmatmul(idx_a, vals_a, g_eh, m, xp)
+        g_va = _ks_sample(idx_a, g_eh, W_dec, xp)
+        if not signed:
+            g_va = xp.where(va_pre > 0, g_va, _zero(g_va, xp))
+        g_Wenc_T = g_Wenc_T + _ks_tmatmul(idx_a, g_va, xc, m, xp)
+        g_benc = g_benc + _ks_colsum(idx_a, g_va, m, xp)
+    g_bdec = xp.sum(g_xh, axis=0)
+    if sae.apply_b_dec_to_input:
+        g_bdec = g_bdec - g_benc @ W_enc.T
+    G = {"W_enc": g_Wenc_T.T, "b_enc": g_benc, "W_dec": g_Wdec, "b_dec": g_bdec}
     return loss, G, stats
 
 
