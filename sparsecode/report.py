@@ -174,7 +174,7 @@ def _map_svg(coords, atoms, log_freq, paged, size=640) -> str:
 
 
 # --------------------------------------------------------------------------- computations
-def _tsne(D, atoms, seed):
+def _tsne(D, atoms, seed, max_iter=500):
     from sklearn.manifold import TSNE
 
     U = D[atoms].astype(np.float64)
@@ -187,7 +187,10 @@ def _tsne(D, atoms, seed):
 
         U = PCA(n_components=50, random_state=seed).fit_transform(U)
     perplexity = float(min(30.0, (n - 1) / 3.0))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(U)
+    # the exact gradient beats Barnes-Hut up to a few thousand points on a small machine
+    method = "exact" if n <= 1500 else "barnes_hut"
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", method=method, max_iter=max_iter,
+                random_state=seed).fit_transform(U)
 
 
 def _nearest(D, paged, k=8):
@@ -277,7 +280,7 @@ def build_report(
     batch_size: int = 1024,
     logit_lens="auto",
     tsne: bool = True,
-    tsne_max_atoms: int = 3000,
+    tsne_max_atoms: int = 1000,
     extra_metrics: dict | None = None,
     images=None,
     title: str | None = None,
@@ -296,6 +299,8 @@ def build_report(
         unless ``feature_ids`` lists them.
     n_top, n_samples, n_intervals, per_interval : top contexts per page; uniform sample size
         behind the histogram and quantile examples; quantile intervals and examples per interval.
+    tsne, tsne_max_atoms : draw the t-SNE map of the decoder rows, of at most this many atoms
+        (every paged feature, plus a random sample of the others); t-SNE is the slowest part.
     logit_lens : "auto" (SmolLM2 stores: read its unembedding), False, or a tuple
         ``(W_U (vocab, d_in), g (d_in,) or None, vocab strings)``.
     extra_metrics : more numbers for the summary table (e.g. the amortization gap).

@@ -74,7 +74,7 @@ def make_superposition(
         clipped to at most 1.
     importance_decay : in (0, 1]: ``I_i = importance_decay ** i``.
     noise : standard deviation of Gaussian noise added to ``X``.
-    seed : random seed; dtype : float32 or float64.
+    seed : random seed (an int >= 0); dtype : float32 or float64.
 
     Every sample has at least one active feature is *not* guaranteed (as in Elhage et al.).
     """
@@ -89,11 +89,14 @@ def make_superposition(
     if importance_decay > 1.0:
         raise ValueError(f"importance_decay must be in (0, 1], got {importance_decay!r}")
     noise = check_scalar(noise, "noise", low=0.0)
+    seed = check_scalar(seed, "seed", low=0, integer=True)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
 
-    rng = np.random.default_rng(seed)
+    # a stream of its own, so that the true directions never coincide with another
+    # component's random initialisation drawn from the same integer seed
+    rng = np.random.default_rng([int(seed), 0x70E5])
     w = (np.arange(n_features) + 1.0) ** (-probability_decay)
     probability = np.minimum((1.0 - sparsity) * w / w.mean(), 1.0)
     importance = importance_decay ** np.arange(n_features, dtype=np.float64)
