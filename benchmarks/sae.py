@@ -1,0 +1,312 @@
+"""Sparse autoencoders: training throughput against the minimum matrix products, and the
+FVU-L0 frontier with the amortization gap on SmolLM2 activations.
+
+Part 1, throughput (float32, d_in=576, d_sae=4608, k=32): tokens per second of a full
+training step (loss, hand-written gradient, unit-norm projection, Adam) for every encoder,
+next to the time of the products a step needs at minimum, measured in the same run: the
+encoder product ``xc @ W_enc`` and its weight gradient ``xc.T @ g_z`` (dense), plus, for the
+TopK family, the decoder and its gradient on the k selected rows per token (sparse products).
+LISTA's minimum counts its T = 3 encoder products. The L1/L0 family is timed at
+initialisation (half the latents fire) and again at a trained SAE's sparsity (L0 ~ 2k, by
+shifting the bias), where the sparse kernels apply.
+``ratio = throughput / (batch / minimum time)``; the target is >= 0.5.
+
+Part 2, quality: every encoder is trained at two sparsity levels on activations of SmolLM2's
+residual stream (an existing extraction under results/ or --acts; otherwise synthetic sparse
+signals, and the output says so), normalised to E||x||^2 = d_in. Reported on held-out rows:
+FVU and L0 of each SAE, and the amortization gap (FISTA at the SAE's penalty for the L1
+family, OMP at the same k / L0 for the others, on the SAE's own decoder). The FVU-L0 frontier
+(one curve per encoder, solver points as crosses) is saved to results/sae_frontier.png.
+
+    python benchmarks/sae.py            # ~4-5 minutes on a 2-core machine
+    python benchmarks/sae.py --quick    # smoke run, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparsecode.sae import (  # noqa: E402
+    ARCHITECTURES,
+    K_ARCHITECTURES,
+    SparseAutoencoder,
+    amortization_gap,
+    loss_and_grad,
+    train_sae,
+)
+from sparsecode.sae_train import Adam  # noqa: E402
+
+TOPK_FAMILY = ("topk", "batchtopk", "abstopk", "topafa", "mpsae")
+
+
+# --------------------------------------------------------------------------- data
+def find_extraction(explicit=None):
+    """A SmolLM2 activation extraction folder, or None."""
+    cands = [explicit] if explicit else []
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    cands += sorted(glob.glob(os.path.join(root, "results", "*", "manifest.json")))
+    cands += sorted(glob.glob(os.path.join(root, "sparsecode-demo", "**", "manifest.json"), recursive=True))
+    for c in cands:
+        if c is None:
+            continue
+        folder = c if os.path.isdir(c) else os.path.dirname(c)
+        try:
+            man = json.load(open(os.path.join(folder, "manifest.json")))
+        except (OSError, ValueError):
+            continue
+        if "smollm2" in json.dumps(man).lower() and int(man.get("n_tokens", 0)) >= 2048:
+            return folder, man
+    return None, None
+
+
+def load_data(args):
+    """(train source, held-out array, description)."""
+    if not args.synthetic:
+        folder, man = find_extraction(args.acts)
+        if folder is not None:
+            from sparsecode.store import ActivationStore
+
+            store = ActivationStore(folder, normalize=True, holdout_fraction=0.1, seed=0)
+            hold = np.concatenate(list(store.iter_batches(4096, shuffle=False, split="holdout")))
+            desc = (f"SmolLM2 activations: {folder} ({man.get('layer')}, {store.n_rows} tokens, "
+                    f"d_in={store.d_in}, normalised by {store.norm_scale:.4g})")
+            return store, hold[: args.eval_rows], store.d_in, desc
+    from sparsecode.datasets import make_sparse_signals
+
+    d = 576 if not args.quick else 64
+    X, _, _ = make_sparse_signals(args.synthetic_rows, d, 4 * d, 16, noise=0.05, positive=True, seed=0,
+                                  dtype=np.float32)
+    X *= np.sqrt(d / np.mean(np.sum(X * X, axis=1)))
+    n_hold = min(args.eval_rows, len(X) // 5)
+    return X[n_hold:], X[:n_hold], d, (f"SYNTHETIC sparse signals (no SmolLM2 extraction found): {len(X)} rows, "
+                                       f"d_in={d}, 4*d_in true atoms, 16 active")
+
+
+# --------------------------------------------------------------------------- part 1: throughput
+def _best(fn, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def minimum_time(X, d_sae, k, topk_family, repeat, rng):
+    """Seconds for the products every training step needs at least."""
+    import scipy.sparse as sp
+
+    n, d = X.shape
+    W = rng.standard_normal((d, d_sae)).astype(X.dtype)
+    Gz = rng.standard_normal((n, d_sae)).astype(X.dtype)
+    t = _best(lambda: X @ W, repeat) + _best(lambda: X.T @ Gz, repeat)
+    if topk_family:
+        idx = np.argpartition(-Gz, k - 1, axis=1)[:, :k]
+        S = sp.csr_matrix((Gz[np.arange(n)[:, None], idx].ravel(), idx.ravel(), np.arange(0, n * k + 1, k)),
+                          shape=(n, d_sae))
+        Wd = np.ascontiguousarray(W.T)
+        t += _best(lambda: S @ Wd, repeat) + _best(lambda: S.T @ X, repeat)
+    return t
+
+
+def time_steps(arch, X, d_sae, k, n_steps, lr=1e-4, target_l0=None):
+    """Seconds per full training step (loss+grad, projection, Adam, renormalisation).
+
+    ``target_l0``: shift the encoder bias (JumpReLU: the threshold) so that about this many
+    latents fire per token, the sparsity of a trained SAE (at initialisation half fire).
+    """
+    n, d = X.shape
+    sae = SparseAutoencoder.initialize(d, d_sae, arch, k=k, seed=0, l1_coefficient=1.0, lista_steps=3)
+    if target_l0 is not None:
+        z = (X - sae.b_dec) @ sae.W_enc + sae.b_enc
+        q = float(np.quantile(z, 1.0 - target_l0 / d_sae))
+        if arch == "jumprelu":
+            sae.params["log_threshold"] = np.full(d_sae, np.log(max(q, 1e-6)), dtype=X.dtype)
+        else:
+            sae.params["b_enc"] = sae.params["b_enc"] - np.float32(q)
+    opt = Adam(sae.params)
+    dead = np.zeros(d_sae, bool)
+    dead[: d_sae // 10] = True  # AuxK active, as it is once latents die
+    unit = arch != "relu_april"
+    times = []
+    for _ in range(n_steps + 1):
+        t = time.perf_counter()
+        _, G, st = loss_and_grad(sae, X, dead_mask=dead, aux_coefficient=1 / 32, afa_coefficient=1 / 32)
+        if unit:
+            Wd = sae.params["W_dec"]
+            G["W_dec"] = G["W_dec"] - np.sum(G["W_dec"] * Wd, axis=1)[:, None] * Wd
+        opt.step(sae.params, G, lr)
+        if unit:
+            Wd = sae.params["W_dec"]
+            sae.params["W_dec"] = Wd / np.linalg.norm(Wd, axis=1, keepdims=True)
+        times.append(time.perf_counter() - t)
+    return float(np.min(times[1:])), st["l0"]  # best of n, like the minimum products (noisy machine)
+
+
+def part_throughput(args, X_src):
+    rng = np.random.default_rng(0)
+    d_in, d_sae, k, n = (576, 4608, 32, args.batch) if not args.quick else (X_src.shape[1], 8 * X_src.shape[1], 8, 256)
+    if X_src.shape[1] != d_in:  # data of another width: a Gaussian batch of the benchmark's width
+        X = rng.standard_normal((n, d_in)).astype(np.float32)
+    else:
+        X = np.ascontiguousarray(X_src[:n].astype(np.float32))
+        if X.shape[0] < n:
+            X = np.concatenate([X] * (n // X.shape[0] + 1))[:n]
+    print(f"\n== throughput: float32, batch {n}, d_in={d_in}, d_sae={d_sae}, k={k} ==")
+    print(f"{'encoder':<15} {'step ms':>9} {'tokens/s':>10} {'min ms':>8} {'min tok/s':>10} {'ratio':>6} {'L0':>8}")
+    rows = []
+    runs = [(a, None) for a in ARCHITECTURES]
+    # the L1/L0 family at the sparsity of a trained SAE (the NumPy kernels then go sparse)
+    runs += [(a, 2 * k) for a in ("relu", "relu_april", "jumprelu", "lista")]
+    for arch, target in runs:
+        step, l0 = time_steps(arch, X, d_sae, k, args.time_steps, target_l0=target)
+        tmin = minimum_time(X, d_sae, k, arch in TOPK_FAMILY, 3, rng)
+        if arch == "lista":  # T = 3 unrolled steps: three encoder products and their gradients
+            tmin *= 3
+        thr, thr_min = n / step, n / tmin
+        name = arch if target is None else f"{arch}@L0~{target}"
+        rows.append({"encoder": name, "step_s": step, "tokens_per_s": thr, "min_s": tmin,
+                     "min_tokens_per_s": thr_min, "ratio": thr / thr_min, "l0": l0})
+        print(f"{name:<15} {1e3 * step:9.1f} {thr:10.0f} {1e3 * tmin:8.1f} {thr_min:10.0f} {thr / thr_min:6.2f} "
+              f"{l0:8.1f}", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- part 2: quality
+def levels(arch, quick):
+    """Training settings per encoder: two sparsity levels (one in --quick)."""
+    if arch in K_ARCHITECTURES:
+        out = [{"k": 8}, {"k": 32}]
+    elif arch in ("relu", "relu_april", "lista"):
+        out = [{"l1_coefficient": 8.0}, {"l1_coefficient": 2.0}]
+    elif arch == "jumprelu":
+        out = [{"l1_coefficient": 2.0}, {"l1_coefficient": 0.5}]
+    else:  # topafa chooses its own L0
+        out = [{}]
+    return out[-1:] if quick else out
+
+
+def part_quality(args, src, hold, d_in):
+    d_sae = args.quality_d_sae if not args.quick else 4 * d_in
+    print(f"\n== FVU / L0 on held-out rows ({len(hold)}), d_sae={d_sae}, {args.quality_steps} steps "
+          f"of {args.quality_batch}, lr {args.lr} ==")
+    print(f"{'encoder':<11} {'setting':<18} {'FVU':>7} {'L0':>7} {'dead':>6} {'train s':>8} | {'solver':<6} "
+          f"{'solver FVU':>10} {'solver L0':>9} {'obj gap':>9} {'rel gap':>8}")
+    results = []
+    for arch in ARCHITECTURES:
+        for lv in levels(arch, args.quick):
+            kw = dict(lv)
+            if arch == "jumprelu":
+                kw.update(bandwidth=0.05, initial_threshold=0.1)
+            t = time.perf_counter()
+            sae, log = train_sae(src, d_sae, arch, n_steps=args.quality_steps, batch_size=args.quality_batch,
+                                 lr=args.lr, seed=0, **{"k": 32, **kw})
+            t_train = time.perf_counter() - t
+            F = sae.encode(hold)
+            Xh = sae.forward(hold)
+            fvu = float(np.sum((hold - Xh) ** 2) / np.sum((hold - hold.mean(0)) ** 2))
+            l0 = float(np.count_nonzero(F) / len(hold))
+            dead = float(np.mean(np.count_nonzero(F, axis=0) == 0))
+            row = {"encoder": arch, "setting": kw_str(lv), "fvu": fvu, "l0": l0, "dead_on_holdout": dead,
+                   "train_s": t_train}
+            try:
+                g = amortization_gap(sae, hold[: args.gap_rows], max_iter=1000, tol=1e-6)
+                row.update(solver=g["method"], solver_fvu=g["solver_fvu"], solver_l0=g["solver_l0"],
+                           objective_gap=g["objective_gap"], relative_gap=g["relative_gap"])
+            except Exception as exc:  # report, keep going
+                row.update(solver=f"error: {exc}"[:40], solver_fvu=float("nan"), solver_l0=float("nan"),
+                           objective_gap=float("nan"), relative_gap=float("nan"))
+            results.append(row)
+            print(f"{arch:<11} {row['setting']:<18} {fvu:7.3f} {l0:7.1f} {dead:6.2f} {t_train:8.1f} | "
+                  f"{row['solver']:<6} {row['solver_fvu']:10.3f} {row['solver_l0']:9.1f} "
+                  f"{row['objective_gap']:9.3g} {row['relative_gap']:8.3f}", flush=True)
+    return results
+
+
+def kw_str(lv):
+    return ",".join(f"{'lam' if k == 'l1_coefficient' else k}={v}" for k, v in lv.items()) or "(adaptive)"
+
+
+def plot(results, path, data_desc):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for arch in ARCHITECTURES:
+        pts = sorted((r["l0"], r["fvu"]) for r in results if r["encoder"] == arch)
+        if not pts:
+            continue
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=arch)
+        sol = sorted((r["solver_l0"], r["solver_fvu"]) for r in results
+                     if r["encoder"] == arch and np.isfinite(r["solver_fvu"]))
+        if sol:
+            ax.plot([p[0] for p in sol], [p[1] for p in sol], "x", color=line.get_color(), ms=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active latents per token)")
+    ax.set_ylabel("FVU on held-out tokens")
+    ax.set_title("SAE frontier (o: encoder, x: proper solve on its decoder)\n" + data_desc[:90], fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--acts", default=None, help="an extraction folder to use")
+    ap.add_argument("--synthetic", action="store_true", help="use synthetic data even if an extraction exists")
+    ap.add_argument("--synthetic-rows", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1024, help="batch for the throughput part")
+    ap.add_argument("--time-steps", type=int, default=None)
+    ap.add_argument("--quality-d-sae", type=int, default=1152)
+    ap.add_argument("--quality-steps", type=int, default=None)
+    ap.add_argument("--quality-batch", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-rows", type=int, default=2048)
+    ap.add_argument("--gap-rows", type=int, default=256)
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results"))
+    args = ap.parse_args(argv)
+    if args.time_steps is None:
+        args.time_steps = 2 if args.quick else 3
+    if args.quality_steps is None:
+        args.quality_steps = 15 if args.quick else 100
+    if args.synthetic_rows is None:
+        args.synthetic_rows = 3000 if args.quick else 30000
+    if args.quick:
+        args.synthetic = args.synthetic or args.acts is None
+        args.eval_rows, args.gap_rows, args.quality_batch = 256, 64, 256
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    src, hold, d_in, desc = load_data(args)
+    print("data:", desc)
+    thr = []
+    if not args.skip_throughput:
+        X = hold if isinstance(src, np.ndarray) is False else src
+        thr = part_throughput(args, np.asarray(X))
+    qual = [] if args.skip_quality else part_quality(args, src, hold, d_in)
+    png = os.path.join(args.out, "sae_frontier.png" if not args.quick else "sae_frontier_quick.png")
+    if qual:
+        plot(qual, png, desc)
+    with open(os.path.join(args.out, "sae_benchmark.json" if not args.quick else "sae_benchmark_quick.json"), "w") as fh:
+        json.dump({"data": desc, "throughput": thr, "quality": qual}, fh, indent=1, default=float)
+    print(f"\nsaved {png}; total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
