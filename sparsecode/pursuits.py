@@ -68,7 +68,6 @@ from .backend import (
     get_kernel,
     register_kernel,
 )
-from .prox import top_k
 from .result import SparseCodingResult
 
 __all__ = ["matching_pursuit", "omp", "iht"]
@@ -104,16 +103,19 @@ def _check_sparsity(n_nonzero, tol, n_features, *, required=False):
     return n_nonzero, tol
 
 
-def _prepare(X, D, gram, xp, *, need_gram=True):
+def _prepare(X, D, gram, xp, *, need_gram=True, timings=None):
     """Normalised atoms, their norms, the Gram matrix of ``Dn`` and ``alpha0 = X @ Dn.T``.
 
     ``gram`` (optional) is ``D @ D.T`` for the dictionary *as given*; it is rescaled here.
+    ``timings`` (a dict), when given, receives the seconds spent on each part.
     """
     k = D.shape[0]
+    t0 = time.perf_counter()
     norms = xp.linalg.vector_norm(D, axis=1)
     usable = norms > 0
     safe = xp.where(usable, norms, xp.ones_like(norms))
     Dn = D / xp.reshape(safe, (k, 1))
+    t1 = time.perf_counter()
     G = None
     if gram is not None:
         array_namespace(D, gram, names=("D", "gram"))
@@ -123,7 +125,11 @@ def _prepare(X, D, gram, xp, *, need_gram=True):
         G = gram / (xp.reshape(safe, (k, 1)) * xp.reshape(safe, (1, k)))
     elif need_gram:
         G = Dn @ Dn.T
+    t2 = time.perf_counter()
     alpha0 = X @ Dn.T
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings.update(normalise=t1 - t0, gram=t2 - t1, correlations=t3 - t2)
     return Dn, norms, safe, usable, G, alpha0
 
 
@@ -151,10 +157,9 @@ def _one_hot(j, k, xp, device):
 
 def _residual_from_support(X, Dn, S, coef, xp):
     """``X - sum_t coef[:, t] * Dn[S[:, t]]`` without forming the dense code matrix."""
-    R = X
-    for t in range(S.shape[1]):
-        R = R - xp.reshape(coef[:, t], (-1, 1)) * xp.take(Dn, S[:, t], axis=0)
-    return R
+    if S.shape[1] == 0:
+        return X
+    return X - _combine(Dn, S, coef, xp)
 
 
 def _scatter_codes(S, coef, k, xp, device):
@@ -340,7 +345,9 @@ def omp(
         squared residual per sample; ``converged`` True where ``tol`` was met (or, with no
         ``tol``, always: the sample used ``n_nonzero`` atoms or no atom could reduce its
         residual); ``info["support"]`` the selected atoms in order (n_samples, n_steps), -1
-        where unused, and ``info["kernel"]`` the code path that ran.
+        where unused; ``info["kernel"]`` the code path that ran; ``info["timings"]`` seconds
+        spent normalising, building the Gram matrix, computing ``X @ Dn.T``, in the pursuit
+        itself (selection, Cholesky and correlation updates) and assembling codes/residuals.
     """
     xp, X, D, single = check_dictionary_problem(X, D)
     n, f = X.shape
@@ -353,9 +360,7 @@ def omp(
         raise ValueError(f"kernel must be 'auto', 'portable' or 'numba', got {kernel!r}")
     dev = _device(X)
     timings = {}
-    t0 = time.perf_counter()
-    Dn, norms, safe, usable, G, alpha0 = _prepare(X, D, gram, xp)
-    timings["prepare"] = time.perf_counter() - t0
+    Dn, norms, safe, usable, G, alpha0 = _prepare(X, D, gram, xp, timings=timings)
     n_usable = int(xp.sum(xp.astype(usable, xp.int64)))
     cap = min(n_usable, f)
     s_max = cap if n_nonzero is None else min(n_nonzero, cap)
@@ -708,6 +713,36 @@ if _numba_available():
 
 
 # --------------------------------------------------------------------------- IHT
+def _topk_idx(score, m, xp):
+    """Indices (n, m) of the ``m`` largest entries of each row of ``score`` (any order)."""
+    kern = get_kernel("pursuit_topk_idx", xp)
+    if kern is not None:
+        return kern(score, m)
+    return xp.argsort(-score, axis=1, stable=True)[:, :m]
+
+
+@register_kernel("pursuit_topk_idx", "numpy")
+def _topk_idx_numpy(score, m):
+    k = score.shape[1]
+    if m >= k:
+        return np.broadcast_to(np.arange(k), score.shape).copy()
+    return np.argpartition(-score, m - 1, axis=1)[:, :m]
+
+
+def _combine(Dn, S, coef, xp, block_elems=2**22):
+    """``sum_t coef[:, t] * Dn[S[:, t]]``, shape (n, n_features): one gather and a batched
+    vector-matrix product per block of rows (blocks of about ``block_elems`` gathered numbers)."""
+    n, T = S.shape
+    f = Dn.shape[1]
+    rows = max(1, block_elems // max(1, T * f))
+    parts = []
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        G = xp.reshape(xp.take(Dn, xp.reshape(S[lo:hi, :], (-1,)), axis=0), (hi - lo, T, f))
+        parts.append(xp.reshape(xp.reshape(coef[lo:hi, :], (hi - lo, 1, T)) @ G, (hi - lo, f)))
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
 def iht(
     X,
     D,
@@ -724,7 +759,9 @@ def iht(
     Minimises ``||x - a @ Dn||^2`` over ``a`` with at most ``n_nonzero`` nonzeros (and
     ``a >= 0`` when ``positive``) by ``a <- H(a + mu * (x - a @ Dn) @ Dn.T)``, ``H`` keeping
     the ``n_nonzero`` largest entries in magnitude (largest values, then ``max(., 0)``, when
-    ``positive``: the TopK activation). Batched over samples.
+    ``positive``: the TopK activation). Batched over samples; the codes are kept as
+    (index, value) pairs, so one iteration costs one dense product ``R @ Dn.T`` (the
+    correlations, ``n * n_atoms * n_features``) plus ``O(n * n_nonzero * n_features)``.
 
     Parameters
     ----------
@@ -734,12 +771,14 @@ def iht(
     positive : codes >= 0
     step : None (default): normalised IHT (Blumensath & Davies 2010) -- per sample
         ``mu = ||g_S||^2 / ||g_S @ Dn||^2`` with ``g`` the residual correlations and ``S`` the
-        current support, halved until the squared residual does not increase, so the
-        objective is monotone; "lipschitz": the classical fixed step ``1 / ||Dn||_2^2``; or a
-        positive number (fixed step, no safeguard).
+        current support (at the start: the ``k`` largest correlations), halved until the
+        squared residual does not increase, so the objective is monotone; "lipschitz": the
+        classical fixed step ``1 / ||Dn||_2^2`` (monotone too); or a positive number (fixed
+        step, no safeguard).
     max_iter : iterations at most
     tol : a sample stops when its squared residual decreases by less than ``tol`` relatively
-    init : codes (n_samples, n_atoms) for the dictionary as given, to start from
+    init : codes (n_samples, n_atoms) for the dictionary as given, to start from (its
+        ``n_nonzero`` largest entries are kept)
 
     Returns
     -------
@@ -756,6 +795,7 @@ def iht(
     tol = check_scalar(tol, "tol", low=0)
     adaptive = step is None
     dev = _device(X)
+    dt = X.dtype
     Dn, norms, safe, usable, _, alpha0 = _prepare(X, D, None, xp, need_gram=False)
     fixed = None
     if isinstance(step, str):
@@ -768,75 +808,96 @@ def iht(
     elif step is not None:
         fixed = check_scalar(step, "step", low=0, low_inclusive=False)
     kk = min(n_nonzero, k)
+    m = min(2 * kk, k)  # candidates outside the support: at most kk of the top 2kk are inside
+
+    def score(V):
+        return V if positive else xp.abs(V)
+
+    # state: support indices S (n, kk), all distinct per row, and values V (normalised atoms)
     if init is None:
-        A = xp.zeros((n, k), dtype=X.dtype, device=dev)
+        S = _topk_idx(score(alpha0), kk, xp)
+        V = xp.zeros((n, kk), dtype=dt, device=dev)
     else:
         from .lasso import _check_codes
 
-        A = _check_codes(init, X, D, xp, "init") * xp.reshape(safe, (1, k))
-        A = top_k(A, kk, by="value" if positive else "magnitude", positive=positive)
-    # zero atoms stay at zero: their gradient is zero and their normalised atom is zero
-    R = X - A @ Dn
+        A0 = _check_codes(init, X, D, xp, "init") * xp.reshape(safe, (1, k))
+        S = _topk_idx(score(A0), kk, xp)
+        V = _gather_rows(A0, S, xp)
+        if positive:
+            V = xp.maximum(V, xp.zeros_like(V))
+    R = X - _combine(Dn, S, V, xp)
     obj = xp.sum(R * R, axis=1)
     n_it = xp.zeros((n,), dtype=xp.int64, device=dev)
-    conv = xp.zeros((n,), dtype=xp.bool, device=dev)
     idx = xp.arange(n, dtype=xp.int64, device=dev)
-    done = []  # (indices, A, R, n_it, conv)
+    done = []  # (indices, S, V, R, n_it, converged)
     Xa = X
-    by = "value" if positive else "magnitude"
-    tiny = float(xp.finfo(X.dtype).smallest_normal)
+    tiny = float(xp.finfo(dt).smallest_normal)
+    ninf = -float("inf")
     for _ in range(max_iter):
-        if idx.shape[0] == 0:
-            break
         na = idx.shape[0]
+        if na == 0:
+            break
         C = R @ Dn.T  # residual correlations = minus half the gradient
+        Cs = _gather_rows(C, S, xp)
+        cand = _topk_idx(score(C), m, xp)  # the top of mu*C does not depend on mu > 0
+        Cc = _gather_rows(C, cand, xp)
+        inside = xp.any(xp.reshape(cand, (na, m, 1)) == xp.reshape(S, (na, 1, kk)), axis=2)
+        all_idx = xp.concat([S, cand], axis=1)
         if fixed is not None:
-            Anew = top_k(A + fixed * C, kk, by=by, positive=positive)
-            Rnew = Xa - Anew @ Dn
-            objn = xp.sum(Rnew * Rnew, axis=1)
+            mu = xp.full((na,), fixed, dtype=dt, device=dev)
         else:
-            supp = A != 0
-            empty = xp.logical_not(xp.any(supp, axis=1))
-            if bool(xp.any(empty)):
-                first = top_k(C, kk, by=by, positive=positive) != 0
-                supp = xp.where(xp.reshape(empty, (na, 1)), first, supp)
-            Cs = xp.where(supp, C, xp.zeros_like(C))
+            CsD = _combine(Dn, S, Cs, xp)
             num = xp.sum(Cs * Cs, axis=1)
-            CD = Cs @ Dn
-            den = xp.sum(CD * CD, axis=1)
-            mu = xp.where(den > tiny, num / xp.where(den > tiny, den, xp.ones_like(den)), xp.ones_like(den))
-            Anew, Rnew, objn = A, R, obj
-            pending = xp.ones((na,), dtype=xp.bool, device=dev)
-            for _bt in range(40):
-                Ac = top_k(A + xp.reshape(mu, (na, 1)) * C, kk, by=by, positive=positive)
-                Rc = Xa - Ac @ Dn
-                oc = xp.sum(Rc * Rc, axis=1)
-                ok = pending & (oc <= obj)
-                okc = xp.reshape(ok, (na, 1))
-                Anew = xp.where(okc, Ac, Anew)
-                Rnew = xp.where(okc, Rc, Rnew)
-                objn = xp.where(ok, oc, objn)
-                pending = pending & xp.logical_not(ok)
-                if not bool(xp.any(pending)):
-                    break
-                mu = mu * 0.5
-        dec = obj - objn
+            den = xp.sum(CsD * CsD, axis=1)
+            ok_den = den > tiny
+            mu = xp.where(ok_den, num / xp.where(ok_den, den, xp.ones_like(den)), xp.ones_like(den))
+        S_new, V_new, R_new, obj_new = S, V, R, obj
+        pending = xp.ones((na,), dtype=xp.bool, device=dev)
+        for _bt in range(1 if fixed is not None else 60):
+            mu2 = xp.reshape(mu, (na, 1))
+            vals = xp.concat([V + mu2 * Cs, xp.where(inside, xp.zeros_like(Cc), mu2 * Cc)], axis=1)
+            sc = xp.concat([score(V + mu2 * Cs), xp.where(inside, xp.full_like(Cc, ninf), score(mu2 * Cc))], axis=1)
+            pick = xp.argsort(-sc, axis=1, stable=True)[:, :kk]
+            Sc = _gather_rows(all_idx, pick, xp)
+            Vc = _gather_rows(vals, pick, xp)
+            if positive:
+                Vc = xp.maximum(Vc, xp.zeros_like(Vc))
+            Rc = Xa - _combine(Dn, Sc, Vc, xp)
+            oc = xp.sum(Rc * Rc, axis=1)
+            ok = pending & ((oc <= obj) if fixed is None else pending)
+            okc = xp.reshape(ok, (na, 1))
+            S_new = xp.where(okc, Sc, S_new)
+            V_new = xp.where(okc, Vc, V_new)
+            R_new = xp.where(okc, Rc, R_new)
+            obj_new = xp.where(ok, oc, obj_new)
+            pending = pending & xp.logical_not(ok)
+            if not bool(xp.any(pending)):
+                break
+            mu = mu * 0.5
+        dec = obj - obj_new
         stop = dec <= tol * obj
-        A, R, obj = Anew, Rnew, objn
+        S, V, R, obj = S_new, V_new, R_new, obj_new
         n_it = n_it + 1
         if bool(xp.any(stop)):
             sel = xp.nonzero(stop)[0]
             keep = xp.nonzero(xp.logical_not(stop))[0]
-            done.append((xp.take(idx, sel), xp.take(A, sel, axis=0), xp.take(R, sel, axis=0),
-                         xp.take(n_it, sel), xp.ones((sel.shape[0],), dtype=xp.bool, device=dev)))
+            done.append((xp.take(idx, sel), xp.take(S, sel, axis=0), xp.take(V, sel, axis=0),
+                         xp.take(R, sel, axis=0), xp.take(n_it, sel),
+                         xp.ones((sel.shape[0],), dtype=xp.bool, device=dev)))
             idx = xp.take(idx, keep)
-            A, R, obj, Xa, n_it = (xp.take(M_, keep, axis=0) for M_ in (A, R, obj, Xa, n_it))
-    parts = done + [(idx, A, R, n_it, xp.zeros((idx.shape[0],), dtype=xp.bool, device=dev))]
-    all_idx = xp.concat([p[0] for p in parts])
-    order = xp.argsort(all_idx)
-    codes_n = xp.take(xp.concat([p[1] for p in parts], axis=0), order, axis=0)
-    R = xp.take(xp.concat([p[2] for p in parts], axis=0), order, axis=0)
-    n_iter = xp.take(xp.concat([p[3] for p in parts]), order)
-    conv = xp.take(xp.concat([p[4] for p in parts]), order)
+            S, V, R, obj, Xa, n_it = (xp.take(M_, keep, axis=0) for M_ in (S, V, R, obj, Xa, n_it))
+    parts = done + [(idx, S, V, R, n_it, xp.zeros((idx.shape[0],), dtype=xp.bool, device=dev))]
+
+    def cat(i, axis=0):
+        items = [p[i] for p in parts]
+        return xp.concat(items, axis=axis) if len(items) > 1 else items[0]
+
+    order = xp.argsort(cat(0))
+    S = xp.take(cat(1), order, axis=0)
+    V = xp.take(cat(2), order, axis=0)
+    R = xp.take(cat(3), order, axis=0)
+    n_iter = xp.take(cat(4), order)
+    conv = xp.take(cat(5), order)
+    codes_n = _scatter_codes(S, V, k, xp, dev)
     return _finish(codes_n, safe, X, Dn, R, n_iter, conv, single, "iht", xp,
                    {"positive": positive, "step": "normalized" if adaptive else fixed})

@@ -459,3 +459,20 @@ def test_omp_batch_size_does_not_change_result():
     c = omp(X, D, n_nonzero=5, positive=True, batch_size=6)
     d = omp(X, D, n_nonzero=5, positive=True)
     np.testing.assert_allclose(c.codes, d.codes, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- benchmark smoke run
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path):
+    """The benchmark script runs end to end on its --quick problems (no timing assertions)."""
+    import os
+    import runpy
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "pursuits.py")
+    mod = runpy.run_path(path, run_name="pursuits_benchmark")
+    rows = mod["main"](["--quick", "--out", str(tmp_path)])
+    methods = {r["method"] for r in rows}
+    assert {"omp (numba kernel)", "omp (portable array API)", "matching pursuit",
+            "iht (normalised step)", "sklearn orthogonal_mp_gram"} <= methods
+    assert all(0.0 <= r["recovery"] <= 1.0 and r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "pursuits_recovery.png").stat().st_size > 0
