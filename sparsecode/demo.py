@@ -36,8 +36,8 @@ import numpy as np
 __all__ = ["run_demo", "model_status", "configure_parser", "run_cli"]
 
 DEFAULT_LAYER = 12
-DEFAULT_TOKENS = 24_576
-QUICK_TOKENS = 1_536
+DEFAULT_TOKENS = 8_192
+QUICK_TOKENS = 1_024
 
 
 def _say(msg: str = "") -> None:

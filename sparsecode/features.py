@@ -27,6 +27,7 @@ only then).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -337,13 +338,18 @@ def feature_contexts(store, rows, *, before: int = 10, after: int = 4) -> list[d
     every row.
     """
     out = []
-    has_ctx = hasattr(store, "context") and getattr(store, "manifest", None) is not None
+    has_ctx = hasattr(store, "context") and bool(
+        getattr(store, "has_tokens", getattr(store, "manifest", None) is not None))
     for r in rows:
         r = int(r)
         if r < 0 or not has_ctx:
             out.append(None)
             continue
-        c = store.context(r, before=before, after=after)
+        try:
+            c = store.context(r, before=before, after=after)
+        except ValueError:  # the store keeps token ids but no document offsets
+            out.append(None)
+            continue
         ids = list(c["token_ids"])
         toks = store.decode(ids) if hasattr(store, "decode") else None
         if toks is None:
@@ -354,6 +360,7 @@ def feature_contexts(store, rows, *, before: int = 10, after: int = 4) -> list[d
 
 
 # --------------------------------------------------------------------------- logit lens
+@functools.lru_cache(maxsize=2)
 def _gguf_reader(path):
     import gguf
 
