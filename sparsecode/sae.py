@@ -310,6 +310,106 @@ def _ks_colsum_np(idx, vals, m):
     return np.bincount(idx.reshape(-1), weights=vals.reshape(-1), minlength=m).astype(vals.dtype)
 
 
+# ---------------------------------------------------------------- layouts of codes
+class _DenseLayout:
+    """Codes as dense ``(n, m)`` arrays, zero outside ``mask``: the portable layout.
+
+    Both layouts offer the same operations on "entry arrays" ``V`` (here dense, in
+    :class:`_PatternLayout` the values at the pattern's entries): ``gather`` (restrict a dense
+    array to the entries), ``col``/``row`` (broadcast a per-latent / per-row vector to the
+    entries), ``colsum``/``rowsum``, ``decode`` (``V @ W``), ``tmatmul`` (``V.T @ G``) and
+    ``sample`` (``G @ W.T`` at the entries).
+    """
+
+    def __init__(self, mask, xp):
+        self.mask, self.xp = mask, xp
+
+    def gather(self, Z):
+        return self.xp.where(self.mask, Z, _zero(Z, self.xp))
+
+    def gather_bool(self, B):
+        return self.xp.logical_and(self.mask, B)
+
+    def col(self, v):
+        return v[None, :]
+
+    def row(self, v):
+        return v[:, None]
+
+    def colsum(self, V):
+        return self.xp.sum(V, axis=0)
+
+    def rowsum(self, V):
+        return self.xp.sum(V, axis=1)
+
+    def decode(self, V, W):
+        return V @ W
+
+    def tmatmul(self, V, G):
+        return V.T @ G
+
+    def sample(self, G, W):
+        return self.xp.where(self.mask, G @ W.T, _zero(G, self.xp))
+
+
+class _PatternLayout:
+    """Codes as values at the entries of one sparsity pattern (NumPy, CSR products)."""
+
+    def __init__(self, mask):
+        self.n, self.m = mask.shape
+        self.rows, self.cols = np.nonzero(mask)  # row-major: already CSR order
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(self.rows, minlength=self.n))])
+
+    def gather(self, Z):
+        return Z[self.rows, self.cols]
+
+    gather_bool = gather
+
+    def col(self, v):
+        return v[self.cols]
+
+    def row(self, v):
+        return v[self.rows]
+
+    def colsum(self, V):
+        return np.bincount(self.cols, weights=V, minlength=self.m).astype(V.dtype, copy=False)
+
+    def rowsum(self, V):
+        return np.bincount(self.rows, weights=V, minlength=self.n).astype(V.dtype, copy=False)
+
+    def _csr(self, V):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((V, self.cols, self.indptr), shape=(self.n, self.m))
+
+    def decode(self, V, W):
+        return np.asarray(self._csr(V) @ W)
+
+    def tmatmul(self, V, G):
+        return np.asarray(self._csr(V).T @ G)
+
+    def sample(self, G, W):
+        out = np.empty(self.rows.shape[0], dtype=G.dtype)
+        step = 16384
+        for s in range(0, out.shape[0], step):
+            r, c = self.rows[s:s + step], self.cols[s:s + step]
+            out[s:s + step] = np.einsum("ij,ij->i", G[r], W[c])
+        return out
+
+
+def _layout(mask, xp):
+    kern = get_kernel("sae_layout", xp)
+    lay = kern(mask) if kern is not None else None
+    return lay if lay is not None else _DenseLayout(mask, xp)
+
+
+@register_kernel("sae_layout", "numpy")
+def _layout_np(mask):
+    if np.count_nonzero(mask) > _SPARSE_DENSITY * mask.size:
+        return None
+    return _PatternLayout(mask)
+
+
 def _device(x):
     import array_api_compat
 
@@ -804,14 +904,14 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
                                       stats, xp)
 
     # ------------------------------------------------------------- one-layer encoders
+    # Codes live in a "layout" (see _DenseLayout): dense (n, d_sae) arrays in portable code, or
+    # only the entries of one sparsity pattern (NumPy kernel, when few latents are active).
+    # Every formula below is elementwise over those entries, so it reads the same either way.
     z = xc @ W_enc + b_enc
     nu = None
+    theta = None
     if arch == "relu" or arch == "relu_april":
         active = z > 0
-    elif arch == "topk":
-        active = xp.logical_and(_top_k_mask(z, sae.k, xp), z > 0)
-    elif arch == "abstopk":
-        active = _top_k_mask(xp.abs(z), sae.k, xp)
     elif arch == "batchtopk":
         a = _relu(z, xp)
         flat = xp.reshape(a, (1, n * sae.d_sae))
@@ -821,28 +921,37 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         active = z > theta
     elif arch == "topafa":
         nu = _row_norms(W_dec, xp)
-        a = _relu(z, xp)
-        active = xp.logical_and(_afa_mask(a, nu, xc, xp), z > 0)
+        active = xp.logical_and(_afa_mask(_relu(z, xp), nu, xc, xp), z > 0)
     else:  # pragma: no cover
         raise AssertionError(arch)
-    f = xp.where(active, z, zero)
-    Xh = _codes_matmul(f, W_dec, xp) + b_dec
+    band = None
+    if arch == "jumprelu" and need_grad:
+        band = xp.abs(z - theta) < sae.bandwidth / 2
+        lay = _layout(xp.logical_or(active, band), xp)
+    else:
+        lay = _layout(active, xp)
+    zv = lay.gather(z)
+    actv = lay.gather_bool(active)
+    fv = xp.where(actv, zv, _zero(zv, xp))
+    Xh = lay.decode(fv, W_dec) + b_dec
     R = Xh - X
     sse = float(xp.sum(R * R))
     loss = sse / n
-    stats.update(_common_stats(f, X, sse, xp))
+    nzv = fv != 0
+    stats.update(mse=sse / n, sse=sse, sst=float(xp.sum((X - xp.mean(X, axis=0)) ** 2)),
+                 l0=float(xp.sum(xp.astype(nzv, xp.int64))) / n, fired=lay.colsum(xp.astype(nzv, dt)) > 0)
     if arch == "batchtopk":
-        n_act = int(xp.sum(xp.astype(active, xp.int64)))
-        stats["min_kept"] = float(xp.min(xp.where(active, z, xp.full_like(z, float("inf"))))) if n_act else 0.0
+        n_act = int(xp.sum(xp.astype(actv, xp.int64)))
+        stats["min_kept"] = float(xp.min(xp.where(actv, zv, xp.full_like(zv, float("inf"))))) if n_act else 0.0
 
     # penalties (value; their gradients are added below)
     if arch == "relu":
-        pen = lam * float(xp.sum(f)) / n
+        pen = lam * float(xp.sum(fv)) / n
     elif arch == "relu_april":
         nu = _row_norms(W_dec, xp)
-        pen = lam * float(xp.sum(xp.sum(f, axis=0) * nu)) / n
+        pen = lam * float(xp.sum(lay.colsum(fv) * nu)) / n
     elif arch == "jumprelu":
-        pen = lam * float(xp.sum(xp.astype(active, dt))) / n
+        pen = lam * float(xp.sum(xp.astype(actv, dt))) / n
     else:
         pen = 0.0
     stats["penalty_loss"] = pen
@@ -850,7 +959,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
 
     afa = None
     if arch == "topafa" and afa_coefficient:
-        A_norm = xp.sqrt(xp.sum((f * nu) ** 2, axis=1))
+        A_norm = xp.sqrt(lay.rowsum((fv * lay.col(nu)) ** 2))
         B_norm = xp.sqrt(xp.sum(xc * xc, axis=1))
         diff = A_norm - B_norm
         afa = float(afa_coefficient) * float(xp.sum(diff * diff)) / n
@@ -863,14 +972,12 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
     if use_aux:
         n_dead = int(xp.sum(xp.astype(dead_mask, xp.int64)))
         ka = min(int(k_aux if k_aux is not None else max(sae.d_in // 2, 1)), n_dead)
-        score = xp.where(dead_mask[None, :], z if arch != "abstopk" else xp.abs(z), xp.full_like(z, -float("inf")))
-        aux_mask = _top_k_mask(score, ka, xp)
-        aux_mask = xp.logical_and(aux_mask, dead_mask[None, :])
-        if arch != "abstopk":
-            aux_mask = xp.logical_and(aux_mask, z > 0)
-        f_aux = xp.where(aux_mask, z, zero)
+        score = xp.where(dead_mask[None, :], z, xp.full_like(z, -float("inf")))
+        aux_mask = xp.logical_and(xp.logical_and(_top_k_mask(score, ka, xp), dead_mask[None, :]), z > 0)
+        lay_a = _layout(aux_mask, xp)
+        fav = xp.where(lay_a.gather_bool(aux_mask), lay_a.gather(z), _zero(zv, xp))
         E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
-        E_hat = _codes_matmul(f_aux, W_dec, xp)
+        E_hat = lay_a.decode(fav, W_dec)
         den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
         den = den if den > 0 else 1.0
         D_aux = E_hat - E
@@ -882,48 +989,47 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         return loss, None, stats
 
     g_xh = (2.0 / n) * R
-    g_Wdec = _codes_tmatmul(f, g_xh, xp)
+    g_Wdec = lay.tmatmul(fv, g_xh)
     g_bdec = xp.sum(g_xh, axis=0)
-    # gradient w.r.t. z restricted to where it can be non-zero
+    g_fv = lay.sample(g_xh, W_dec)  # d MSE / d f at the layout's entries
+    zero_v = _zero(g_fv, xp)
     if arch == "jumprelu":
         eps = sae.bandwidth
-        band = xp.abs(z - theta) < eps / 2
-        need = xp.logical_or(active, band)
-        g_f = _masked_matmul_t(g_xh, W_dec, need, xp)
-        g_z = xp.where(active, g_f, zero)
-        kern = xp.astype(band, dt)
+        kern = xp.astype(lay.gather_bool(band), dt)
+        g_zv = xp.where(actv, g_fv, zero_v)
         # pseudo-derivatives: d f / d theta = -(theta/eps) K, d H / d theta = -(1/eps) K
-        g_theta = -(theta / eps) * xp.sum(g_f * kern, axis=0) - (lam / (n * eps)) * xp.sum(kern, axis=0)
+        g_theta = -(theta / eps) * lay.colsum(g_fv * kern) - (lam / (n * eps)) * lay.colsum(kern)
         G["log_threshold"] = g_theta * theta
     else:
-        g_f = _masked_matmul_t(g_xh, W_dec, active, xp)
         if arch == "relu":
-            g_f = g_f + xp.where(active, lam / n, zero)
+            g_fv = g_fv + lam / n
         elif arch == "relu_april":
-            g_f = g_f + xp.where(active, (lam / n) * nu, zero)
-            col = xp.sum(f, axis=0)
-            g_nu = (lam / n) * col
+            g_fv = g_fv + (lam / n) * lay.col(nu)
+            g_nu = (lam / n) * lay.colsum(fv)
             g_Wdec_extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
         if afa is not None:
             safeA = xp.where(A_norm > 0, A_norm, xp.ones_like(A_norm))
             safeB = xp.where(B_norm > 0, B_norm, xp.ones_like(B_norm))
             coef = (2.0 * float(afa_coefficient) / n) * diff
             coefA = xp.where(A_norm > 0, coef / safeA, xp.zeros_like(coef))
-            g_f = g_f + xp.where(active, coefA[:, None] * f * (nu * nu), zero)
-            g_nu = xp.sum(coefA[:, None] * f * f, axis=0) * nu
+            g_fv = g_fv + lay.row(coefA) * fv * lay.col(nu * nu)
+            g_nu = lay.colsum(lay.row(coefA) * fv * fv) * nu
             extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
             g_Wdec_extra = extra if g_Wdec_extra is None else g_Wdec_extra + extra
             coefB = xp.where(B_norm > 0, -coef / safeB, xp.zeros_like(coef))
             g_xc_direct = coefB[:, None] * xc
-        g_z = g_f  # already zero outside `active`
+        g_zv = xp.where(actv, g_fv, zero_v)
+    g_Wenc_T = lay.tmatmul(g_zv, xc)
+    g_benc = lay.colsum(g_zv)
     if aux is not None:
         g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
-        g_Wdec = g_Wdec + _codes_tmatmul(f_aux, g_eh, xp)
-        g_z = g_z + _masked_matmul_t(g_eh, W_dec, aux_mask, xp)
+        g_Wdec = g_Wdec + lay_a.tmatmul(fav, g_eh)
+        g_zav = xp.where(lay_a.gather_bool(aux_mask), lay_a.sample(g_eh, W_dec), _zero(fav, xp))
+        g_Wenc_T = g_Wenc_T + lay_a.tmatmul(g_zav, xc)
+        g_benc = g_benc + lay_a.colsum(g_zav)
     if g_Wdec_extra is not None:
         g_Wdec = g_Wdec + g_Wdec_extra
-    g_benc = xp.sum(g_z, axis=0)
-    G["W_enc"] = _codes_tmatmul(g_z, xc, xp).T
+    G["W_enc"] = g_Wenc_T.T
     G["b_enc"] = g_benc
     G["W_dec"] = g_Wdec
     if sae.apply_b_dec_to_input:

@@ -62,10 +62,16 @@ def _directional_fd_check(sae, X, kwargs, skip=(), h=1e-6, seed=0):
 shapes = st.tuples(st.integers(2, 6), st.integers(2, 6), st.integers(3, 9), st.integers(0, 10_000))
 
 
+@pytest.mark.parametrize("sparse_kernels", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes)
-def test_gradient_matches_finite_differences(arch, shape):
+def test_gradient_matches_finite_differences(arch, shape, sparse_kernels, monkeypatch):
+    """Both code paths of the NumPy backend: dense products, and the sparse kernels (CSR
+    products on the active entries) that normally engage below 8% density."""
+    import sparsecode.sae as sae_mod
+
+    monkeypatch.setattr(sae_mod, "_SPARSE_DENSITY", 1.01 if sparse_kernels else -1.0)
     n, d_in, d_sae, seed = shape
     rng = np.random.default_rng(seed + 1)
     X = rng.standard_normal((n, d_in))
