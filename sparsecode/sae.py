@@ -672,7 +672,10 @@ def _fista_betas(T):
 
 def _afa_mask(a, nu, xc, xp):
     """top-AFA selection: per row keep the ``k_i`` largest ``a_j nu_j`` with ``k_i`` minimising
-    ``| sqrt(sum of the k largest (a_j nu_j)^2) - ||xc|| |``."""
+    ``| sqrt(sum of the k largest (a_j nu_j)^2) - ||xc|| |`` (the first minimiser)."""
+    kern = get_kernel("sae_afa_mask", xp)
+    if kern is not None:
+        return kern(a, nu, xc)
     s = (a * nu) ** 2
     order = xp.argsort(-s, axis=1, stable=True)
     ranks = xp.argsort(order, axis=1, stable=True)
@@ -681,6 +684,35 @@ def _afa_mask(a, nu, xc, xp):
     B = xp.sqrt(xp.sum(xc * xc, axis=1))
     kstar = xp.argmin(xp.abs(cum - B[:, None]), axis=1) + 1
     return ranks < kstar[:, None]
+
+
+@register_kernel("sae_afa_mask", "numpy")
+def _afa_mask_np(a, nu, xc, K=64):
+    """top-AFA selection sorting only the K largest entries per row; exact: the cumulative
+    norm is non-decreasing, so once it exceeds ``||xc||`` within the top K the first minimiser
+    lies there. Rows whose crossing lies further out fall back to the full sort."""
+    s = (a * nu) ** 2
+    n, m = s.shape
+    B = np.sqrt(np.sum(xc * xc, axis=1))
+    K = min(K, m)
+    idx = np.argpartition(-s, K - 1, axis=1)[:, :K] if K < m else np.broadcast_to(np.arange(m), (n, m))
+    sv = np.take_along_axis(s, idx, axis=1)
+    order = np.argsort(-sv, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    cum = np.sqrt(np.cumsum(np.take_along_axis(sv, order, axis=1), axis=1))
+    kstar = np.argmin(np.abs(cum - B[:, None]), axis=1) + 1
+    mask = np.zeros((n, m), dtype=bool)
+    np.put_along_axis(mask, idx, np.arange(K)[None, :] < kstar[:, None], axis=1)
+    far = cum[:, -1] <= B
+    if K < m and np.any(far):
+        rows = np.nonzero(far)[0]
+        s_r = s[rows]
+        o = np.argsort(-s_r, axis=1, kind="stable")
+        ranks = np.argsort(o, axis=1, kind="stable")
+        c = np.sqrt(np.cumsum(np.take_along_axis(s_r, o, axis=1), axis=1))
+        ks = np.argmin(np.abs(c - B[rows, None]), axis=1) + 1
+        mask[rows] = ranks < ks[:, None]
+    return mask
 
 
 def _mp_forward(sae, xc, xp, record=False):
