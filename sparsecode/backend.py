@@ -214,6 +214,13 @@ def check_scalar(value, name: str, *, low=None, low_inclusive=True, integer=Fals
         if allow_none:
             return None
         raise TypeError(f"{name} must be given, got None")
+    if (
+        getattr(value, "ndim", None) == 0
+        and hasattr(value, "dtype")
+        and not isinstance(value, np.generic)
+        and any(s in str(value.dtype) for s in ("int", "float"))
+    ):
+        value = value.item() if hasattr(value, "item") else float(value)  # 0-D array: the array API's scalar
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a {'whole ' if integer else ''}number, got {type(value).__name__}")
     if integer and not float(value).is_integer():

@@ -23,6 +23,13 @@ __all__ = [
 
 def _threshold(threshold, x, xp, name="threshold"):
     """Scalar or per-atom threshold, validated (finite, >= 0) and broadcastable to ``x``."""
+    if getattr(threshold, "ndim", None) == 0 and not isinstance(threshold, (np.bool_, bool)):
+        # a 0-D array is the array API's scalar (e.g. ``0.1 * xp.max(xp.abs(C))``)
+        if hasattr(threshold, "__array_namespace__"):
+            array_namespace(x, threshold, names=("x", name))
+        if "bool" in str(threshold.dtype) or "complex" in str(threshold.dtype):
+            raise TypeError(f"{name} must be a real number, got dtype {threshold.dtype}")
+        threshold = float(threshold)
     if isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(threshold, bool):
         t = float(threshold)
         if not np.isfinite(t) or t < 0:

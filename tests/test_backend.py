@@ -168,6 +168,16 @@ def test_check_scalar_values():
     assert check_scalar(0, "tol", low=0) == 0.0
 
 
+def test_check_scalar_accepts_zero_dimensional_arrays(xp):
+    """A 0-D array is the array API's scalar (``xp.max(...)`` returns one)."""
+    assert check_scalar(xp.max(asxp(xp, np.array([0.25, 0.5]))), "tol", low=0) == 0.5
+    assert check_scalar(asxp(xp, np.array(7)), "max_iter", integer=True) == 7
+    with pytest.raises(ValueError, match=r"tol must be >= 0"):
+        check_scalar(asxp(xp, np.array(-1.0)), "tol", low=0)
+    with pytest.raises(TypeError, match=r"tol must be a number"):
+        check_scalar(asxp(xp, np.array(True)), "tol")
+
+
 @pytest.mark.parametrize(
     "value, kwargs, exc, pattern",
     [

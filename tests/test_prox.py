@@ -163,6 +163,15 @@ def test_per_atom_thresholds_act_column_by_column(xp, op, float_dtype):
         np.testing.assert_array_equal(npx(out), expected)
 
 
+@pytest.mark.parametrize("op", [soft_threshold, nonneg_soft_threshold, hard_threshold, project_linf_ball])
+def test_zero_dimensional_threshold_is_a_scalar(xp, op):
+    x = asxp(xp, np.array([[-3.0, -1.0, 0.5, 2.0]]))
+    t = xp.max(asxp(xp, np.array([0.5, 1.5])))  # a 0-D array, as array-API reductions return
+    np.testing.assert_array_equal(npx(op(x, t)), npx(op(x, 1.5)))
+    with pytest.raises(ValueError, match=r"(threshold|radius) must be a finite number >= 0"):
+        op(x, asxp(xp, np.array(-1.0)))
+
+
 @pytest.mark.parametrize("op", [soft_threshold, nonneg_soft_threshold, hard_threshold])
 def test_threshold_errors_name_the_argument(xp, op):
     x = asxp(xp, np.ones((2, 3)))
