@@ -632,9 +632,12 @@ def extract_activations(
 
     Parameters
     ----------
-    model : str or torch.nn.Module
-        ``"smollm2"``, ``"minilm"``, a local transformers folder, a ``.gguf`` file, or an
-        already loaded transformers model (then ``tokenizer`` is required).
+    model : str, tuple or torch.nn.Module
+        ``"smollm2"``, ``"minilm"``, a local transformers folder, a ``.gguf`` file; the
+        ``(model, tokenizer, source)`` tuple that :func:`load_model` returns (to load once and
+        extract several layers); or an already loaded transformers model (then ``tokenizer``
+        is required, and the manifest records the tokenizer only if it was loaded from a
+        folder).
     layer : int or str
         See :func:`resolve_layer`: ``N`` / ``"blocks.N"`` (residual stream after block N),
         ``"blocks.N.mlp"``, ``"blocks.N.attn"``, or a raw module path.
@@ -706,7 +709,17 @@ def extract_activations(
                 )
 
     source = None
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, tuple) and len(model) == 3:  # what load_model returned: load once, reuse
+        model, tok, source = model
+        tokenizer = tokenizer if tokenizer is not None else tok
+        if old is not None and old.get("model") != _model_id(None, source):
+            _refuse(out_dir, old, {"model": _model_id(None, source)})
+    if source is not None:
+        net = model
+        net.eval()
+        if device is not None:
+            net.to(device)
+    elif isinstance(model, (str, os.PathLike)):
         source = _resolve_model_source(str(model))
         if old is not None and old.get("model") != _model_id(None, source):
             _refuse(out_dir, old, {"model": _model_id(None, source)})
