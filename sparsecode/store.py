@@ -65,6 +65,7 @@ class _BF16:
     def __init__(self, raw: np.ndarray):
         self.raw = raw
         self.shape = raw.shape
+        self.ndim = raw.ndim
         self.dtype_name = "bfloat16"
 
     def __getitem__(self, idx):
@@ -280,6 +281,29 @@ def open_array_file(path, key: str | None = None) -> dict[str, Any]:
     return out
 
 
+def _extension(field) -> tuple[str, tuple | None]:
+    """(extension name, array shape) of a datasets ArrayND column, registered or not."""
+    import pyarrow as pa
+
+    t = field.type
+    if isinstance(t, pa.ExtensionType):
+        name = t.extension_name
+        shape = getattr(t, "shape", None)
+        if shape is None:
+            try:
+                shape = json.loads(t.__arrow_ext_serialize__())[0]
+            except (ValueError, IndexError, TypeError):
+                shape = None
+    else:
+        meta = field.metadata or {}
+        name = meta.get(b"ARROW:extension:name", b"").decode()
+        try:
+            shape = json.loads(meta[b"ARROW:extension:metadata"])[0]
+        except (KeyError, ValueError, IndexError, TypeError):
+            shape = None
+    return name, (tuple(int(v) for v in shape) if shape is not None else None)
+
+
 def _open_saelens(folder: Path, column: str | None) -> tuple[list[_Segment], dict]:
     """Segments of a Hugging Face ``datasets`` folder as SAELens' CacheActivationsRunner writes it."""
     try:
@@ -315,29 +339,18 @@ def _open_saelens(folder: Path, column: str | None) -> tuple[list[_Segment], dic
         keep.append((source, table))
         schema = table.schema
         if column is None:
-            cands = []
-            for fld in schema:
-                meta = fld.metadata or {}
-                ext = meta.get(b"ARROW:extension:name", b"").decode()
-                if "Array2D" in ext or "Array3D" in ext:
-                    cands.append(fld.name)
+            cands = [f.name for f in schema if "Array2D" in _extension(f)[0]]
             if len(cands) != 1:
                 floats = [f.name for f in schema if f.name != "token_ids"]
                 raise ValueError(
                     f"{folder}: cannot tell which column holds the activations "
-                    f"(columns {schema.names}); pass column=... (one of {floats})"
+                    f"(columns {schema.names}); pass key=... (one of {floats})"
                 )
             column = cands[0]
         if column not in schema.names:
             raise KeyError(f"{path}: no column {column!r}; columns are {schema.names}")
         fld = schema.field(column)
-        shape = None
-        meta = fld.metadata or {}
-        if b"ARROW:extension:metadata" in meta:
-            try:
-                shape = tuple(json.loads(meta[b"ARROW:extension:metadata"])[0])
-            except (ValueError, IndexError, TypeError):
-                shape = None
+        shape = _extension(fld)[1]
         for rb in table.to_batches():
             if rb.num_rows == 0:
                 continue
@@ -759,7 +772,10 @@ class ActivationStore:
             xs, idx, got = [carry_x], [carry_i], len(carry_i)
             while k < len(blocks) and got < fill:
                 a, b = next(self._block_ranges([blocks[k]]))
-                xs.append(self._raw(a, b, out_dtype))
+                block = self._raw(a, b, out_dtype)
+                if scale != 1:
+                    block *= scale  # scaled once, when read (carried rows are already scaled)
+                xs.append(block)
                 idx.append(np.arange(a, b, dtype=np.int64))
                 got += b - a
                 k += 1
@@ -770,8 +786,6 @@ class ActivationStore:
                 perm = rng.permutation(len(i))
                 x = x[perm]
                 i = i[perm]
-            if scale != 1:
-                x *= scale
             full = (len(i) // batch_size) * batch_size
             for a in range(0, full, batch_size):
                 yield emit(x[a:a + batch_size], i[a:a + batch_size])
