@@ -201,11 +201,16 @@ def _blocks(n, per_sample_bytes, batch_size, budget):
     return [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
 
 
-def _finish(codes_n, safe, X, Dn, R, n_steps, converged, single, method, xp, info):
-    """Codes for the dictionary as given, exact per-sample objective, result object."""
+def _finish(codes_n, safe, X, Dn, R, n_steps, converged, single, method, xp, info, *, objective=None, scaled=False):
+    """Codes for the dictionary as given, exact per-sample objective, result object.
+
+    ``codes_n`` are codes on the normalised atoms unless ``scaled`` (then already for ``D``);
+    ``objective`` is computed from the residual ``R`` unless given.
+    """
     k = safe.shape[0]
-    codes = codes_n / xp.reshape(safe, (1, k))
-    objective = xp.sum(R * R, axis=1)
+    codes = codes_n if scaled else codes_n / xp.reshape(safe, (1, k))
+    if objective is None:
+        objective = xp.sum(R * R, axis=1)
     if single:
         codes = codes[0, :]
     return SparseCodingResult(
@@ -410,13 +415,18 @@ def omp(
     valid = S >= 0
     S0 = xp.where(valid, S, xp.zeros_like(S))
     coef = xp.where(valid, coef, xp.zeros_like(coef))
-    R = _residual_from_support(X, Dn, S0, coef, xp)
-    codes_n = _scatter_codes(S0, coef, k, xp, dev)
+    assemble = get_kernel("pursuit_assemble", xp)
+    if assemble is not None:
+        codes, err = assemble(X, Dn, S0, coef, safe)
+    else:
+        R = _residual_from_support(X, Dn, S0, coef, xp)
+        codes = _scatter_codes(S0, coef, k, xp, dev) / xp.reshape(safe, (1, k))
+        err = xp.sum(R * R, axis=1)
     timings["assemble"] = time.perf_counter() - t0
-    err = xp.sum(R * R, axis=1)
     converged = err <= tol if tol is not None else xp.ones((n,), dtype=xp.bool, device=dev)
     info = {"kernel": path, "positive": positive, "support": S, "max_steps": s_max, "timings": timings}
-    return _finish(codes_n, safe, X, Dn, R, n_steps, converged, single, "omp", xp, info)
+    return _finish(codes, safe, X, Dn, None, n_steps, converged, single, "omp", xp, info,
+                   objective=err, scaled=True)
 
 
 def _itemsize(dtype, xp) -> int:
@@ -692,6 +702,36 @@ if _numba_available():
                         acc -= Lf[l, ii] * coef[i, l]
                     coef[i, ii] = acc / Lf[ii, ii]
                 n_steps[i] = t
+
+    @numba.njit(parallel=True, cache=True)
+    def _assemble_numba(X, Dn, S, coef, safe, codes, obj):
+        n, f = X.shape
+        T = S.shape[1]
+        for i in numba.prange(n):
+            r = X[i].copy()
+            for t in range(T):
+                c = coef[i, t]
+                if c != 0:
+                    j = S[i, t]
+                    codes[i, j] = c / safe[j]
+                    dj = Dn[j]
+                    for q in range(f):
+                        r[q] -= c * dj[q]
+            acc = 0.0
+            for q in range(f):
+                acc += r[q] * r[q]
+            obj[i] = acc
+
+    @register_kernel("pursuit_assemble", "numpy")
+    def _assemble_numpy_kernel(X, Dn, S, coef, safe):
+        """Dense codes for the dictionary as given and the exact squared residuals, from the
+        support and the coefficients on the normalised atoms, in one parallel pass."""
+        n = X.shape[0]
+        codes = np.zeros((n, Dn.shape[0]), dtype=X.dtype)
+        obj = np.empty(n, dtype=X.dtype)
+        _assemble_numba(np.ascontiguousarray(X), np.ascontiguousarray(Dn), np.ascontiguousarray(S),
+                        np.ascontiguousarray(coef), np.ascontiguousarray(safe), codes, obj)
+        return codes, obj
 
     @register_kernel("omp", "numpy")
     def _omp_numpy_kernel(alpha0, G, xnorm2, thr, usable, s_max, tol, eps):
