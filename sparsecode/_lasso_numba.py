@@ -11,7 +11,7 @@ import numpy as np
 
 
 @nb.njit(parallel=True, fastmath=False, cache=True)
-def prox_grad_gram(Y, G, C, inv_L, thr, positive, Z):
+def prox_grad_gram(Y, G, C, L, thr, positive, Z):
     n, k = Y.shape
     for i in nb.prange(n):
         q = np.zeros(k, dtype=np.float64)  # float64 accumulation: float32 Gram-form cancellation
@@ -22,8 +22,9 @@ def prox_grad_gram(Y, G, C, inv_L, thr, positive, Z):
                 for m in range(k):
                     q[m] += y * g[m]
         for m in range(k):
-            v = Y[i, m] - (q[m] - C[i, m]) * inv_L
-            t = thr[m] * inv_L
+            # both divided by L: at y = 0 and alpha = max|c| the code is exactly zero
+            v = Y[i, m] - (q[m] - C[i, m]) / L
+            t = thr[m] / L
             if positive:
                 Z[i, m] = v - t if v > t else 0.0
             elif v > t:

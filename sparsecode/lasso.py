@@ -90,14 +90,26 @@ def lipschitz_constant(D, *, n_iter: int = 1000, tol: float = 1e-10, seed: int =
 def alpha_max(X, D, positive: bool = False) -> float:
     """Smallest ``alpha`` for which all codes are zero: ``max |X @ D.T|`` (``max X @ D.T`` if positive)."""
     xp, X2, D, _ = check_dictionary_problem(X, D)
-    C = X2 @ D.T
-    return float(xp.max(C)) if positive else float(xp.max(xp.abs(C)))
+    C = _correlations(X2, D, xp)
+    return max(float(xp.max(C)), 0.0) if positive else float(xp.max(xp.abs(C)))
+
+
+def _correlations(X, D, xp):
+    """``X @ D.T`` as the solvers form it: in float64 and rounded once for float32 problems,
+    so that the codes at ``alpha = alpha_max(X, D)`` are exactly zero."""
+    if X.dtype == xp.float32:
+        return xp.astype(xp.astype(X, xp.float64) @ xp.astype(D, xp.float64).T, xp.float32)
+    return X @ D.T
 
 
 # --------------------------------------------------------------------------- objective & gap
 def _alpha_array(alpha, D, xp, name="alpha"):
     """Validated penalty: a float, or a (1, n_atoms) array in D's namespace."""
     n_atoms = D.shape[0]
+    if hasattr(alpha, "__array_namespace__") and getattr(alpha, "ndim", None) == 0:
+        alpha = float(to_numpy(alpha))  # array-API reductions return 0-D arrays
+    if isinstance(alpha, np.ndarray) and alpha.ndim == 0:
+        alpha = float(alpha)
     if isinstance(alpha, (int, float, np.integer, np.floating)) and not isinstance(alpha, bool):
         a = float(alpha)
         if not np.isfinite(a) or a < 0:
@@ -325,16 +337,18 @@ def _proximal_gradient(
         kernel = None
     # Built once in float64 and rounded: in float32 the accumulated error of these products
     # (~sqrt(n_features) * eps) moves the Gram-form fixed point by ~1e-6 relative.
-    if dtype == xp.float32 and use_gram:
-        X64, D64 = xp.astype(X, xp.float64), xp.astype(D, xp.float64)
-        XDt, G = xp.astype(X64 @ D64.T, dtype), xp.astype(D64 @ D64.T, dtype)
-    else:
-        XDt = X @ D.T  # needed by the Gram form; cheap relative to the iterations
-        G = D @ D.T if use_gram else None
+    XDt = _correlations(X, D, xp)  # needed by the Gram form; cheap relative to the iterations
+    G = None
+    if use_gram:
+        G = xp.astype(xp.astype(D, xp.float64) @ xp.astype(D, xp.float64).T, dtype) if dtype == xp.float32 else D @ D.T
     thr_vec = None
     if kernel is not None:
         thr_vec = asarray_like(np.broadcast_to(to_numpy(alpha), (1, k))[0], X)
     dense_iterates = False  # switch to BLAS when the iterates are too dense for the kernel
+    # step and threshold both divided by L in the problem dtype: at alpha = alpha_max the
+    # largest correlation then sits exactly on the threshold and its code is exactly zero
+    L_arr = xp.asarray(L, dtype=dtype, device=_device(X))
+    thr_step = (xp.asarray(alpha, dtype=dtype, device=_device(X)) if isinstance(alpha, float) else alpha) / L_arr
 
     def grad(Y, XDt_, X_):
         if use_gram:
@@ -354,14 +368,18 @@ def _proximal_gradient(
         return smooth(Y, X_) + _l1(Y, alpha, xp)
 
     # Working (active) state; finished samples are moved out at each gap check.
-    idx = xp.arange(n)
+    idx = xp.arange(n, device=_device(X))
     Xa, XDta, Aa = X, XDt, A
     Ya = A
     t = xp.ones((n,), dtype=dtype, device=_device(X))
     La = xp.full((n, 1), L, dtype=dtype, device=_device(X))  # per-sample L (backtracking)
     iters = xp.zeros((n,), dtype=xp.int64, device=_device(X))
     obj_prev = objective(Aa, Xa) if restart == "function" else None
-    done_idx, done_A, done_it = [], [], []
+    if restart == "function":
+        rnd_eps = 16 * float(np.finfo(np.float32 if dtype == xp.float32 else np.float64).eps)
+        half_x2 = 0.5 * xp.sum(Xa * Xa, axis=1)
+        fresh = xp.zeros((n,), dtype=xp.bool, device=_device(X))
+    done_idx, done_A, done_it, done_L = [], [], [], []
     n_restarts = 0
 
     hist = {"iteration": [], "objective": [], "gap": [], "relative_gap": [], "time": []} if history else None
@@ -376,19 +394,25 @@ def _proximal_gradient(
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
         if kernel is not None and not dense_iterates:
-            Znew = kernel(Ya, G, XDta, 1.0 / L, thr_vec, positive)
+            Znew = kernel(Ya, G, XDta, L, thr_vec, positive)
         else:
             G_y = grad(Ya, XDta, Xa)
             if backtracking:
                 Znew, La = _backtrack(Ya, G_y, Xa, La, prox, smooth, alpha, xp)
             else:
-                Znew = prox(Ya - G_y / L, alpha / L)
+                Znew = prox(Ya - G_y / L_arr, thr_step)
         iters = iters + 1
 
         if accelerated:
             if restart == "function":
                 obj_new = objective(Znew, Xa)
-                worse = obj_new > obj_prev
+                # A rise within rounding (the objective is evaluated to ~eps * (F + ||x||^2/2))
+                # is not a rise; and the step right after a rejection starts from y == a, a plain
+                # proximal-gradient step, monotone in exact arithmetic, so it is always taken.
+                # Otherwise rounding noise at the flat bottom freezes the iterate.
+                slack = rnd_eps * (xp.abs(obj_prev) + half_x2)
+                worse = xp.logical_and(obj_new > obj_prev + slack, xp.logical_not(fresh))
+                fresh = worse
                 n_restarts += int(xp.sum(xp.astype(worse, xp.int64)))
                 # reject the step for samples whose objective rose; their momentum restarts
                 Znew = xp.where(worse[:, None], Aa, Znew)
@@ -428,11 +452,12 @@ def _proximal_gradient(
                 done_idx.append(xp.take(idx, sel))
                 done_A.append(xp.take(Aa, sel, axis=0))
                 done_it.append(xp.take(iters, sel))
+                done_L.append(xp.take(La, sel, axis=0))
                 idx = xp.take(idx, keep)
                 Aa, Ya, Xa, XDta = (xp.take(M, keep, axis=0) for M in (Aa, Ya, Xa, XDta))
                 t, iters, La = xp.take(t, keep), xp.take(iters, keep), xp.take(La, keep, axis=0)
                 if obj_prev is not None:
-                    obj_prev = xp.take(obj_prev, keep)
+                    obj_prev, half_x2, fresh = (xp.take(v, keep) for v in (obj_prev, half_x2, fresh))
             elapsed += time.perf_counter() - t0
             if bar is not None:
                 bar.set_postfix(active=int(idx.shape[0]), max_rel_gap=float(xp.max(_relative(gap, primal, xp))))
@@ -452,6 +477,7 @@ def _proximal_gradient(
     order = xp.argsort(all_idx)
     codes = xp.take(codes, order, axis=0)
     n_it = xp.take(n_it, order)
+    L_ps = xp.take(xp.concat(done_L + [La], axis=0) if done_L else La, order, axis=0)[:, 0]
     primal, gap = _primal_dual(X, D, codes, alpha, positive, xp)
     rel = _relative(gap, primal, xp)
     converged = rel <= tol
@@ -473,7 +499,7 @@ def _proximal_gradient(
         lipschitz=None if backtracking else L,
         info={"gradient": "gram" if use_gram else "explicit", "restarts": n_restarts, "iterations": it,
               "restart": restart, "backtracking": backtracking,
-              **({"lipschitz_per_sample": La} if backtracking else {})},
+              **({"lipschitz_per_sample": L_ps} if backtracking else {})},
     )
 
 
@@ -486,13 +512,13 @@ def _density(Y, xp):
 
 
 @register_kernel("lasso_prox_grad_gram", "numpy")
-def _prox_grad_gram_numpy(Y, G, C, inv_L, thr, positive):
+def _prox_grad_gram_numpy(Y, G, C, L, thr, positive):
     from ._lasso_numba import prox_grad_gram
 
     Y = np.ascontiguousarray(Y)
     C = np.ascontiguousarray(C)
     Z = np.empty_like(Y)
-    return prox_grad_gram(Y, G, C, Y.dtype.type(inv_L), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive), Z)
+    return prox_grad_gram(Y, G, C, float(Y.dtype.type(L)), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive), Z)
 
 
 def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):
