@@ -100,8 +100,8 @@ def test_memory_stays_bounded_by_the_buffer(tmp_path):
     finally:
         tracemalloc.stop()
     assert n == n_files * n_each
-    bound = 2 * (1024 + 256) * d * 4  # buffer and its permuted copy
-    assert peak < 2 * bound < store_bytes / 10, (peak, bound, store_bytes)
+    bound = (1024 + 2 * 256) * d * 4  # buffer, batch being gathered, leftover rows
+    assert peak < 1.5 * bound < store_bytes / 20, (peak, bound, store_bytes)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -318,3 +318,17 @@ def test_open_array_file_reports_members(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         open_array_file(tmp_path / "m.npz")  # stored members are mapped without a warning
+
+
+def test_benchmark_script_runs_quick(tmp_path):
+    """Keeps benchmarks/extraction.py from rotting (store part only; no timing assertions)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "extraction.py"
+    spec = importlib.util.spec_from_file_location("bench_extraction", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.bench_store(n_rows=3000, d=16, shard_size=1000, batch_size=256, repeats=1)
+    assert [r["reader"] for r in rows][:3] == ["np.load (whole shards)", "np.load mmap, batches in order",
+                                               "store, in order"]
+    assert all(r["rows_per_s"] > 0 for r in rows)
