@@ -122,8 +122,10 @@ def run_problem(name, n, f, k, s, *, subset, sk_subset, iht_iter, repeats, seed=
     m = min(n, subset)
     w, c, res = timed(lambda: omp(X[:m], D, s, kernel="portable"), 1)
     add("omp (portable array API)", w, c, res.codes, A[:m], m)
-    w, c, res = timed(lambda: matching_pursuit(X[:m], D, s), 1)
-    add("matching pursuit", w, c, res.codes, A[:m], m, f"{s} steps")
+    w, c, res = timed(lambda: matching_pursuit(X, D, s, kernel="numba"), repeats)
+    add("matching pursuit (numba)", w, c, res.codes, A, n, f"{s} steps")
+    w, c, res = timed(lambda: matching_pursuit(X[:m], D, s, kernel="portable"), 1)
+    add("matching pursuit (portable)", w, c, res.codes, A[:m], m, f"{s} steps")
     mi = min(n, subset)
     w, c, res = timed(lambda: iht(X[:mi], D, s, max_iter=iht_iter), 1)
     add("iht (normalised step)", w, c, res.codes, A[:mi], mi, f"<= {iht_iter} iterations")
@@ -181,7 +183,7 @@ def main(argv=None):
     for name, n, f, k, s in problems:
         o = dict(opts)
         if name == "llm" and not args.quick:
-            o.update(subset=256, sk_subset=16, iht_iter=50, repeats=1)
+            o.update(subset=256, sk_subset=8, iht_iter=30, repeats=1)
         print(f"\n== {name}: {n} signals, {f} features, {k} atoms, {s} nonzeros")
         rows, bd, compile_s, flops = run_problem(name, n, f, k, s, **o)
         print_table(rows)

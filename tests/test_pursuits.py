@@ -20,7 +20,7 @@ from sparsecode.backend import get_kernel, to_numpy
 from sparsecode.encode import sparse_encode
 from sparsecode.pursuits import iht, matching_pursuit, omp
 
-HAS_NUMBA = get_kernel("omp", np) is not None
+HAS_NUMBA = get_kernel("omp", np) is not None and get_kernel("mp", np) is not None
 KERNELS = ["portable"] + (["numba"] if HAS_NUMBA else [])
 
 
@@ -161,6 +161,21 @@ def test_portable_and_numba_agree(case):
     np.testing.assert_array_equal(a.info["support"], b.info["support"])
 
 
+@pytest.mark.skipif(not HAS_NUMBA, reason="Numba not installed")
+@pytest.mark.parametrize("kw", [{"n_nonzero": 25}, {"tol": 0.05, "max_steps": 400}, {"n_nonzero": 30, "positive": True}])
+def test_mp_portable_and_numba_agree(kw):
+    X, D, _ = random_problem(26, n=60, f=24, k=50, s=5, noise=0.1, unit=False)
+    D[2] = 0.0
+    X[3] = 0.0
+    a = matching_pursuit(X, D, kernel="portable", **kw)
+    b = matching_pursuit(X, D, kernel="numba", **kw)
+    assert a.info["kernel"] == "portable" and b.info["kernel"] == "numba"
+    np.testing.assert_allclose(a.codes, b.codes, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a.objective, b.objective, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(a.n_iter, b.n_iter)
+    np.testing.assert_array_equal(a.converged, b.converged)
+
+
 # --------------------------------------------------------------------------- awkward inputs
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_omp_awkward_cases(kernel):
@@ -247,16 +262,17 @@ def test_nonneg_omp_equals_omp_when_unconstrained_solution_is_positive():
 
 
 # --------------------------------------------------------------------------- MP
-def test_mp_residual_never_increases_and_positive():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mp_residual_never_increases_and_positive(kernel):
     X, D, _ = random_problem(14, n=25, f=20, k=50, s=5, noise=0.1, unit=False)
     prev = np.sum(X * X, axis=1)
     for t in range(1, 25):
-        res = matching_pursuit(X, D, n_nonzero=t)
+        res = matching_pursuit(X, D, n_nonzero=t, kernel=kernel)
         r2 = residual2(X, D, res.codes)
         np.testing.assert_allclose(res.objective, r2, rtol=1e-10, atol=1e-12)
         assert np.all(r2 <= prev * (1 + 1e-12) + 1e-14)
         prev = r2
-    pos = matching_pursuit(X, D, n_nonzero=30, positive=True)
+    pos = matching_pursuit(X, D, n_nonzero=30, positive=True, kernel=kernel)
     assert np.all(pos.codes >= 0)
     assert np.all(residual2(X, D, pos.codes) <= np.sum(X * X, axis=1) + 1e-12)
 
@@ -328,7 +344,7 @@ def test_iht_fixed_step_is_monotone():
 
 
 # --------------------------------------------------------------------------- dtypes, backends
-@pytest.mark.parametrize("name", ["mp", "omp-portable", "omp-numba", "omp-positive", "iht"])
+@pytest.mark.parametrize("name", ["mp", "mp-portable", "omp-portable", "omp-numba", "omp-positive", "iht"])
 def test_float32_stays_float32(name):
     X, D, _ = random_problem(18, n=30, f=24, k=48, s=3, noise=0.01)
     X32, D32 = X.astype(np.float32), D.astype(np.float32)
@@ -336,6 +352,7 @@ def test_float32_stays_float32(name):
         pytest.skip("Numba not installed")
     fn, kw = {
         "mp": (matching_pursuit, {"n_nonzero": 3}),
+        "mp-portable": (matching_pursuit, {"n_nonzero": 3, "kernel": "portable"}),
         "omp-portable": (omp, {"n_nonzero": 3, "kernel": "portable"}),
         "omp-numba": (omp, {"n_nonzero": 3, "kernel": "numba"}),
         "omp-positive": (omp, {"n_nonzero": 3, "positive": True}),
@@ -439,6 +456,8 @@ def test_bad_options():
         matching_pursuit(X, D, tol=-1.0)
     with pytest.raises(ValueError, match="kernel"):
         omp(X, D, n_nonzero=2, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel"):
+        matching_pursuit(X, D, n_nonzero=2, kernel="cuda")
     with pytest.raises(ValueError, match="batch_size"):
         omp(X, D, n_nonzero=2, batch_size=0)
     with pytest.raises(ValueError, match="kernel='numba'"):
@@ -472,7 +491,7 @@ def test_benchmark_quick_runs(tmp_path):
     mod = runpy.run_path(path, run_name="pursuits_benchmark")
     rows = mod["main"](["--quick", "--out", str(tmp_path)])
     methods = {r["method"] for r in rows}
-    assert {"omp (numba kernel)", "omp (portable array API)", "matching pursuit",
+    assert {"omp (numba kernel)", "omp (portable array API)", "matching pursuit (portable)",
             "iht (normalised step)", "sklearn orthogonal_mp_gram"} <= methods
     assert all(0.0 <= r["recovery"] <= 1.0 and r["seconds"] > 0 for r in rows)
     assert (tmp_path / "pursuits_recovery.png").stat().st_size > 0
