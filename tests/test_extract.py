@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from sparsecode.extract import (  # noqa: E402
     default_corpus,
+    batch_contexts,
     extract_activations,
     iter_contexts,
     load_model,
@@ -77,12 +78,11 @@ def tiny_gpt2(tmp_path_factory):
     return str(folder)
 
 
-def reference_rows(net, tok, texts, context_length, batch_size, hidden_index, skip=0):
+def reference_rows(net, tok, texts, context_length, batch_size, hidden_index, skip=0, sort_batches=32):
     """What the extraction must hold: output_hidden_states of the same batches, real tokens only."""
     ctxs = [c for c in iter_contexts(tok, texts, context_length) if len(c[1]) > skip]
     rows, toks, docs, pos = [], [], [], []
-    for a in range(0, len(ctxs), batch_size):
-        batch = ctxs[a:a + batch_size]
+    for batch in batch_contexts(ctxs, batch_size, sort_batches):
         width = max(len(ids) for _, ids in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -103,11 +103,11 @@ def reference_rows(net, tok, texts, context_length, batch_size, hidden_index, sk
 def test_tiny_gpt2_matches_output_hidden_states_exactly(tiny_gpt2, tmp_path):
     texts = make_texts(11, seed=1, hi=40)  # some longer than one window: cut into several
     out = extract_activations(tiny_gpt2, 1, texts, tmp_path / "x", context_length=16,
-                              batch_size=3, shard_size=50, progress=False)
+                              batch_size=3, shard_size=50, sort_batches=2, progress=False)
     store = ActivationStore(out)
     net = transformers.AutoModel.from_pretrained(tiny_gpt2).eval()
     tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
-    ref, toks, docs, pos = reference_rows(net, tok, texts, 16, 3, hidden_index=2)
+    ref, toks, docs, pos = reference_rows(net, tok, texts, 16, 3, hidden_index=2, sort_batches=2)
     got = store.to_numpy()
     assert got.shape == ref.shape == (sum(len(t.split()) for t in texts), 32)
     assert np.array_equal(got, ref)  # bit for bit
@@ -159,6 +159,16 @@ def test_float16_skip_bos_and_token_budget(tiny_gpt2, tmp_path):
     store = ActivationStore(out)
     assert store.n_rows == 200
     np.testing.assert_array_equal(store.to_numpy(), ref[:200].astype(np.float16).astype(np.float32))
+
+
+def test_batches_sorted_by_length_keep_every_window_once():
+    ctxs = [(d, list(range(n))) for d, n in enumerate([5, 1, 7, 7, 2, 3, 7, 4, 6, 1, 2])]
+    batches = list(batch_contexts(ctxs, 2, sort_batches=3))
+    assert sorted(c for b in batches for c in b) == sorted(ctxs)
+    assert [len(b) for b in batches] == [2, 2, 2, 2, 2, 1]
+    first = [len(ids) for b in batches[:3] for _, ids in b]  # the first 6 windows, by length
+    assert first == sorted(first, reverse=True)
+    assert [c for b in batch_contexts(ctxs, 2, 1) for c in b] == ctxs  # corpus order
 
 
 def test_layer_resolution_for_gpt2_llama_bert():
