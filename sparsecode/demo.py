@@ -248,7 +248,7 @@ def run_demo(out="sparsecode-demo", *, tokens: int | None = None, quick: bool = 
         "dict_iter": 2 if quick else 8,
         "d_sae": 512 if quick else 2304,
         "k": 16 if quick else 32,
-        "sae_epochs": 2 if quick else 8,
+        "sae_epochs": 10 if quick else 8,
         "batch_size": 256 if quick else 1024,
         "hold_rows": 256 if quick else 2048,
         "conv_rows": 64 if quick else 256,
