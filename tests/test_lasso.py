@@ -445,6 +445,18 @@ def test_lipschitz_constant_against_eigvalsh(xp, shape, float_dtype):
     assert res.lipschitz >= exact
 
 
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 12), f=st.integers(1, 12), seed=st.integers(0, 2**32 - 1), rank_one=st.booleans())
+def test_lipschitz_constant_property(xp, k, f, seed, rank_one):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((k, f))
+    if rank_one:  # repeated top eigenvalue directions and zeros elsewhere
+        D = np.outer(rng.standard_normal(k), rng.standard_normal(f))
+    exact = float(np.linalg.eigvalsh(D @ D.T).max())
+    L = lipschitz_constant(asxp(xp, D))
+    assert exact * (1 - 1e-7) <= L <= exact * (1 + 1e-12)
+
+
 def test_lipschitz_constant_degenerate_and_errors(xp):
     assert lipschitz_constant(asxp(xp, np.zeros((3, 4)))) == 0.0
     D = asxp(xp, np.eye(3) * 2.0)
@@ -471,6 +483,13 @@ def test_single_signal_gives_one_dimensional_codes(xp):
     assert tuple(sparse_encode(asxp(xp, X[0]), asxp(xp, D), alpha=alpha).shape) == (12,)
     obj = lasso_objective(asxp(xp, X[1]), asxp(xp, D), one.codes, alpha)
     assert float(obj) == pytest.approx(float(npx(one.objective).reshape(-1)[0]), rel=1e-12)
+
+
+def test_python_lists_are_accepted_like_sklearn():
+    X, D, alpha = problem_np(2, 4, 5, seed=17)
+    res = fista(X.tolist(), D.tolist(), alpha, tol=1e-10)
+    assert isinstance(res.codes, np.ndarray)
+    np.testing.assert_array_equal(res.codes, fista(X, D, alpha, tol=1e-10).codes)
 
 
 def test_float32_stays_float32_and_is_accurate(xp):
