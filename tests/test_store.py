@@ -183,6 +183,17 @@ def test_saelens_datasets_cache(tmp_path):
     assert c["token_ids"] == list(range(110, 115)) and c["index_of_row"] == 2  # stays in its sequence
     got = np.concatenate([b for b in s.iter_batches(4, seed=0)])
     assert got.shape == (35, 3)
+    # without `datasets` imported, pyarrow sees the plain storage type: same rows
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from sparsecode.store import ActivationStore; "
+            f"s = ActivationStore({str(tmp_path / 'cache')!r}); assert 'datasets' not in sys.modules; "
+            "np.save(sys.argv[1], s.to_numpy())")
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "plain.npy")], check=True,
+                   env={**__import__("os").environ, "PYTHONPATH": root})
+    np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), acts.reshape(-1, d))
 
 
 # --------------------------------------------------------------------------- tokens and contexts
