@@ -77,6 +77,8 @@ def load_data(args):
 
             store = ActivationStore(folder, normalize=True, holdout_fraction=0.1, seed=0)
             hold = np.concatenate(list(store.iter_batches(4096, shuffle=False, split="holdout")))
+            # raw activations: a trained SAE applies the store's normalisation itself (input_scale)
+            hold = hold / np.float32(store.norm_scale)
             desc = (f"SmolLM2 activations: {folder} ({man.get('layer')}, {store.n_rows} tokens, "
                     f"d_in={store.d_in}, normalised by {store.norm_scale:.4g})")
             return store, hold[: args.eval_rows], store.d_in, desc
@@ -164,9 +166,9 @@ def part_throughput(args, X_src):
     print(f"\n== throughput: float32, batch {n}, d_in={d_in}, d_sae={d_sae}, k={k} ==")
     print(f"{'encoder':<15} {'step ms':>9} {'tokens/s':>10} {'min ms':>8} {'min tok/s':>10} {'ratio':>6} {'L0':>8}")
     rows = []
-    runs = [(a, None) for a in ARCHITECTURES]
+    runs = [(a, None) for a in args.encoders]
     # the L1/L0 family at the sparsity of a trained SAE (the NumPy kernels then go sparse)
-    runs += [(a, 2 * k) for a in ("relu", "relu_april", "jumprelu", "lista")]
+    runs += [(a, 2 * k) for a in ("relu", "relu_april", "jumprelu", "lista") if a in args.encoders]
     for arch, target in runs:
         step, l0 = time_steps(arch, X, d_sae, k, args.time_steps, target_l0=target)
         tmin = minimum_time(X, d_sae, k, arch in TOPK_FAMILY, 3, rng)
@@ -187,9 +189,9 @@ def levels(arch, quick):
     if arch in K_ARCHITECTURES:
         out = [{"k": 8}, {"k": 32}]
     elif arch in ("relu", "relu_april", "lista"):
-        out = [{"l1_coefficient": 8.0}, {"l1_coefficient": 2.0}]
+        out = [{"l1_coefficient": 1.0}, {"l1_coefficient": 0.25}]
     elif arch == "jumprelu":
-        out = [{"l1_coefficient": 2.0}, {"l1_coefficient": 0.5}]
+        out = [{"l1_coefficient": 0.5}, {"l1_coefficient": 0.1}]
     else:  # topafa chooses its own L0
         out = [{}]
     return out[-1:] if quick else out
@@ -200,9 +202,9 @@ def part_quality(args, src, hold, d_in):
     print(f"\n== FVU / L0 on held-out rows ({len(hold)}), d_sae={d_sae}, {args.quality_steps} steps "
           f"of {args.quality_batch}, lr {args.lr} ==")
     print(f"{'encoder':<11} {'setting':<18} {'FVU':>7} {'L0':>7} {'dead':>6} {'train s':>8} | {'solver':<6} "
-          f"{'solver FVU':>10} {'solver L0':>9} {'obj gap':>9} {'rel gap':>8}")
+          f"{'solver FVU':>10} {'solver L0':>9} {'obj gap':>9} {'rel gap':>8} | {'IHT FVU':>8} {'IHT rel':>8}")
     results = []
-    for arch in ARCHITECTURES:
+    for arch in args.encoders:
         for lv in levels(arch, args.quick):
             kw = dict(lv)
             if arch == "jumprelu":
@@ -222,13 +224,17 @@ def part_quality(args, src, hold, d_in):
                 g = amortization_gap(sae, hold[: args.gap_rows], max_iter=1000, tol=1e-6)
                 row.update(solver=g["method"], solver_fvu=g["solver_fvu"], solver_l0=g["solver_l0"],
                            objective_gap=g["objective_gap"], relative_gap=g["relative_gap"])
+                if g["method"] == "omp":  # IHT warm-started from the SAE's codes: never worse than them
+                    g2 = amortization_gap(sae, hold[: args.gap_rows], method="iht", max_iter=200, tol=1e-6)
+                    row.update(iht_fvu=g2["solver_fvu"], iht_l0=g2["solver_l0"], iht_relative_gap=g2["relative_gap"])
             except Exception as exc:  # report, keep going
                 row.update(solver=f"error: {exc}"[:40], solver_fvu=float("nan"), solver_l0=float("nan"),
                            objective_gap=float("nan"), relative_gap=float("nan"))
             results.append(row)
             print(f"{arch:<11} {row['setting']:<18} {fvu:7.3f} {l0:7.1f} {dead:6.2f} {t_train:8.1f} | "
                   f"{row['solver']:<6} {row['solver_fvu']:10.3f} {row['solver_l0']:9.1f} "
-                  f"{row['objective_gap']:9.3g} {row['relative_gap']:8.3f}", flush=True)
+                  f"{row['objective_gap']:9.3g} {row['relative_gap']:8.3f} | "
+                  f"{row.get('iht_fvu', float('nan')):8.3f} {row.get('iht_relative_gap', float('nan')):8.3f}", flush=True)
     return results
 
 
@@ -279,8 +285,13 @@ def main(argv=None):
     ap.add_argument("--gap-rows", type=int, default=256)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--encoders", default=",".join(ARCHITECTURES), help="comma-separated subset")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results"))
     args = ap.parse_args(argv)
+    args.encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    bad = [e for e in args.encoders if e not in ARCHITECTURES]
+    if bad:
+        ap.error(f"unknown encoders {bad}; choose from {ARCHITECTURES}")
     if args.time_steps is None:
         args.time_steps = 2 if args.quick else 3
     if args.quality_steps is None:
@@ -296,7 +307,7 @@ def main(argv=None):
     print("data:", desc)
     thr = []
     if not args.skip_throughput:
-        X = hold if isinstance(src, np.ndarray) is False else src
+        X = src if isinstance(src, np.ndarray) else hold * np.float32(src.norm_scale)  # training units
         thr = part_throughput(args, np.asarray(X))
     qual = [] if args.skip_quality else part_quality(args, src, hold, d_in)
     png = os.path.join(args.out, "sae_frontier.png" if not args.quick else "sae_frontier_quick.png")

@@ -253,6 +253,9 @@ def _ks_decode(idx, vals, W, xp):
 
 def _ks_sample(idx, G, W, xp):
     """``(G @ W.T)`` at the entries (i, idx[i, c]) only: shape (n, k)."""
+    kern = get_kernel("sae_ks_sample", xp)
+    if kern is not None:
+        return kern(idx, G, W)
     n, k = idx.shape
     Wg = xp.reshape(xp.take(W, xp.reshape(idx, (n * k,)), axis=0), (n, k, W.shape[1]))
     return (Wg @ G[:, :, None])[:, :, 0]
@@ -286,6 +289,17 @@ def _topk_indices_np(score, k):
     if k >= score.shape[1]:
         return np.broadcast_to(np.arange(score.shape[1]), score.shape).copy()
     return np.argpartition(-score, k - 1, axis=1)[:, :k]
+
+
+@register_kernel("sae_ks_sample", "numpy")
+def _ks_sample_np(idx, G, W):
+    # chunked over rows: the gathered (rows, k, d) block stays small (AuxK has k ~ d_in / 2)
+    n, k = idx.shape
+    out = np.empty((n, k), dtype=G.dtype)
+    step = max(1, 16384 // max(k, 1))
+    for s in range(0, n, step):
+        out[s:s + step] = np.einsum("nkd,nd->nk", W[idx[s:s + step]], G[s:s + step])
+    return out
 
 
 @register_kernel("sae_ks_dense", "numpy")
@@ -1306,7 +1320,8 @@ def _load_sparsify(folder, cfg, conv):
 
 
 # =========================================================================== amortization gap
-def amortization_gap(sae, X, *, method=None, alpha=None, n_nonzero=None, max_iter=2000, tol=1e-6):
+def amortization_gap(sae, X, *, method=None, alpha=None, n_nonzero=None, max_iter=2000, tol=1e-6,
+                     warm_start=True):
     """How far the SAE's amortized codes are from a proper solve on its own decoder.
 
     The dictionary is ``W_dec`` and the signals the centred inputs ``xc = x * input_scale -
@@ -1317,6 +1332,10 @@ def amortization_gap(sae, X, *, method=None, alpha=None, n_nonzero=None, max_ite
     others the problem is ``min ||xc - a @ W_dec||^2`` with ``||a||_0 <= k`` (``k`` the SAE's, or
     the rounded mean L0 of its codes for JumpReLU, BatchTopK and top-AFA), solved by OMP
     (``method="omp"``, default) or IHT (``"iht"``), non-negative when the SAE's codes are.
+    OMP is greedy and can end above the encoder (a negative gap: the L0 problem is NP-hard
+    and OMP only a heuristic for it); IHT with ``warm_start`` starts from the SAE's own codes
+    (their ``n_nonzero`` largest entries) and never increases the objective from there, so
+    for TopK (exactly ``k`` codes) its gap is >= 0.
 
     Returns a dict: ``method``, ``alpha`` or ``n_nonzero``, ``sae_fvu``, ``solver_fvu``,
     ``sae_l0``, ``solver_l0``, ``sae_objective`` and ``solver_objective`` (means over rows of
@@ -1367,7 +1386,8 @@ def amortization_gap(sae, X, *, method=None, alpha=None, n_nonzero=None, max_ite
         if method == "omp":
             res = pursuits.omp(xc, W, n_nonzero=n_nonzero, positive=positive)
         else:
-            res = pursuits.iht(xc, W, n_nonzero)
+            res = pursuits.iht(xc, W, n_nonzero, positive=positive, init=F if warm_start else None,
+                               max_iter=max_iter, tol=tol)
         A = res.codes
         R_sol = xc - A @ W
         obj_sae = xp.sum(R_sae * R_sae, axis=1)
