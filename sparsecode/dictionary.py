@@ -254,7 +254,7 @@ class _Learner:
         xp = self.xp
         if self.cfg["method"] in _LASSO and self.alpha is None:
             mean_norm = float(xp.mean(xp.linalg.vector_norm(Xb, axis=1)))
-            self.alpha = 1.2 / np.sqrt(self.n_features) * mean_norm
+            self.alpha = float(1.2 / np.sqrt(self.n_features) * mean_norm)
         if self.cfg["method"] not in _LASSO and self.n_nonzero is None:
             self.n_nonzero = max(1, self.n_features // 10)
 
@@ -291,7 +291,7 @@ class _Learner:
         solver = get_solver(cfg["method"])
         opts = dict(cfg["solver_options"])
         if cfg["method"] in _LASSO:
-            opts.setdefault("max_iter", 100)
+            opts.setdefault("max_iter", 50)
             opts.setdefault("tol", 1e-3)
             opts.setdefault("lipschitz", self.lipschitz())
             if init is not None:
@@ -741,6 +741,9 @@ class _ArraySource:
     def n_batches(self):
         return -(-self.n // self.batch_size)
 
+    def peek(self):
+        return next(iter(self.batches(0, 0)))[1]
+
 
 class _StoreSource:
     """Batches from an object with ``iter_batches(batch_size, shuffle=, seed=)`` (the
@@ -759,6 +762,9 @@ class _StoreSource:
                 continue
             yield None, Xb
 
+    def peek(self):
+        return next(iter(self.batches(0, 0)), (None, None))[1]
+
     def n_batches(self):
         n = getattr(self.store, "n_rows", None) or (len(self.store) if hasattr(self.store, "__len__") else None)
         return None if n is None else -(-int(n) // self.batch_size)
@@ -776,19 +782,37 @@ class _IterableSource:
         else:
             self.restartable = iter(batches) is not batches
         self._used = False
+        self._peeked = None
 
     def batches(self, epoch, start):
         if callable(self.obj):
             it = iter(self.obj())
-        else:
-            if not self.restartable and self._used:
-                return
+        elif self.restartable:
             it = iter(self.obj)
-        self._used = True
+        else:
+            if self._used:
+                return
+            self._used = True
+            it = self._one_shot()
         for b, Xb in enumerate(it):
             if b < start:
                 continue
             yield None, Xb
+
+    def _one_shot(self):
+        if self._peeked is not None:
+            yield self._peeked
+            self._peeked = None
+        yield from self.obj
+
+    def peek(self):
+        if callable(self.obj):
+            return next(iter(self.obj()), None)
+        if self.restartable:
+            return next(iter(self.obj), None)
+        if self._peeked is None:
+            self._peeked = next(iter(self.obj), None)
+        return self._peeked
 
     def n_batches(self):
         return len(self.obj) if hasattr(self.obj, "__len__") and not callable(self.obj) else None
@@ -816,77 +840,72 @@ def _make_source(batches, batch_size, seed):
 
 # --------------------------------------------------------------------------- driver
 def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, checkpoint,
-         checkpoint_every, resume, progress, callback, xp_target, full_batch, n_samples_total,
-         first=None):
+         checkpoint_every, resume, progress, callback, xp_target, full_batch, n_samples_total):
     """Shared loop of the batch and online versions."""
     start_wall = time.perf_counter()
-    learner = None
-    bar = None
-    done = False
-    resumed_meta = None
+    resumed = None
     if checkpoint is not None and resume and os.path.exists(os.fspath(checkpoint)):
-        resumed_meta = _load_checkpoint(checkpoint)
+        resumed = _load_checkpoint(checkpoint)
 
     def convert(Xb):
         if xp_target is not None and array_namespace(Xb) is not xp_target:
             Xb = xp_target.asarray(to_numpy(Xb))
         return Xb
 
-    def new_learner(Xb):
-        xp = array_namespace(Xb)
-        rng_init = np.random.default_rng([cfg["seed"], 3])
-        D = _initial_dictionary(init, cfg["n_atoms"], Xb, rng_init, xp)
-        lr = _Learner(cfg, xp, Xb.dtype, Xb.shape[1], D, n_samples_total=n_samples_total)
-        if resumed_meta is not None:
-            arrays, meta = resumed_meta
-            _check_resumable(meta, cfg, Xb.shape[1], checkpoint)
-            lr.load_state_dict(arrays, meta)
-        return lr
+    first = source.peek()
+    if first is None:
+        raise ValueError("the stream of batches is empty: nothing to learn from")
+    first = convert(_check_batch(first, None, None, None, "1"))
+    xp = array_namespace(first)
+    D0 = _initial_dictionary(init, cfg["n_atoms"], first, np.random.default_rng([cfg["seed"], 3]), xp)
+    learner = _Learner(cfg, xp, first.dtype, first.shape[1], D0, n_samples_total=n_samples_total)
+    del first
+    if resumed is not None:
+        arrays, meta = resumed
+        _check_resumable(meta, cfg, learner.n_features, checkpoint)
+        learner.load_state_dict(arrays, meta)
+        if learner.stop_reason in ("n_iter", "max_batches", "max_samples", "max_time"):
+            learner.stop_reason = None  # a budget ended that run: this call's budgets decide
+    n_features, dtype = learner.n_features, learner.dtype
 
     total = None
     if n_epochs is not None and source.n_batches() is not None:
         total = n_epochs * source.n_batches()
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    epoch = 0
-    start = 0
-    if resumed_meta is not None:
-        epoch, start = resumed_meta[1]["epoch"], resumed_meta[1]["pos"]
-        if resumed_meta[1]["stop_reason"] is not None:
-            # the checkpointed run had finished: return its state without further work
-            if first is None:
-                first = next(iter(source.batches(0, 0)), (None, None))[1]
-            learner = new_learner(convert(_check_batch(first, None, None, None, "0")))
-            done = True
-    n_features = None
-    dtype = None
-    last_ckpt_t = None
+        bar = tqdm(total=total, initial=learner.t, desc=f"dictionary ({cfg['update']})", unit="batch")
+
+    def budget_spent():
+        if n_epochs is not None and learner.epoch >= n_epochs:
+            return "n_iter"
+        if max_batches is not None and learner.t >= max_batches:
+            return "max_batches"
+        if max_samples is not None and learner.seen >= max_samples:
+            return "max_samples"
+        if max_time is not None and time.perf_counter() - start_wall >= max_time:
+            return "max_time"
+        return None
+
+    last_ckpt_t = learner.t if resumed is not None else None
     try:
-        while not done:
-            if n_epochs is not None and epoch >= n_epochs:
-                learner.stop_reason = learner.stop_reason or "n_iter"
+        while learner.stop_reason is None:
+            reason = budget_spent()
+            if reason is not None:
+                learner.stop_reason = reason
                 break
             got_any = False
-            for idx, Xb in source.batches(epoch, start):
+            for idx, Xb in source.batches(learner.epoch, learner.pos):
                 got_any = True
-                where = f"{learner.t + 1 if learner else 1}"
+                where = str(learner.t + 1)
                 Xb = convert(_check_batch(Xb, n_features, dtype, None, where))
-                if learner is None:
-                    learner = new_learner(Xb)
-                    if bar is None and progress:
-                        from tqdm.auto import tqdm
-
-                        bar = tqdm(total=total, initial=learner.t, desc=f"dictionary ({cfg['update']})", unit="batch")
-                n_features, dtype = Xb.shape[1], Xb.dtype
-                if Xb.shape[1] != learner.n_features:
-                    raise ValueError(f"batch {where} has {Xb.shape[1]} features but the dictionary has {learner.n_features}")
-                learner.epoch = epoch
                 row = learner.step(Xb, idx, full_batch=full_batch)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(obj=f"{row['objective']:.4g}", l0=f"{row['l0']:.2f}", dead=row["dead"])
-                # stopping rules
                 if cfg["tol"] is not None:
                     if full_batch:
                         prev = learner.prev_objective
@@ -896,37 +915,26 @@ def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, che
                         learner.converged, learner.stop_reason = True, "tol"
                 learner.prev_objective = row["objective"]
                 if learner.stop_reason is None:
-                    if max_batches is not None and learner.t >= max_batches:
-                        learner.stop_reason = "max_batches"
-                    elif max_samples is not None and learner.seen >= max_samples:
-                        learner.stop_reason = "max_samples"
-                    elif max_time is not None and time.perf_counter() - start_wall >= max_time:
-                        learner.stop_reason = "max_time"
+                    reason = budget_spent() if n_epochs is None or learner.epoch < n_epochs else None
+                    if reason is not None:
+                        learner.stop_reason = reason
                     elif callback is not None and callback(learner.t, learner.D, row):
                         learner.stop_reason = "callback"
                 if checkpoint is not None and (learner.t % checkpoint_every == 0 or learner.stop_reason):
                     _save_checkpoint(checkpoint, learner)
                     last_ckpt_t = learner.t
                 if learner.stop_reason is not None:
-                    done = True
                     break
-            if done:
+            if learner.stop_reason is not None:
                 break
-            if not got_any and learner is None:
-                raise ValueError("the stream of batches is empty: nothing to learn from")
-            epoch += 1
-            start = 0
-            learner.epoch, learner.pos = epoch, 0
-            if not source.restartable:
+            # end of an epoch
+            learner.epoch, learner.pos = learner.epoch + 1, 0
+            if not got_any or not source.restartable:
                 learner.stop_reason = "exhausted"
-                break
-            if not got_any:
-                learner.stop_reason = "exhausted"
-                break
     finally:
         if bar is not None:
             bar.close()
-    if checkpoint is not None and learner is not None and last_ckpt_t != learner.t and not (resumed_meta and done and last_ckpt_t is None and learner.t == resumed_meta[1]["t"]):
+    if checkpoint is not None and last_ckpt_t != learner.t:
         _save_checkpoint(checkpoint, learner)
     return learner
 
@@ -964,7 +972,7 @@ def learn_dictionary(
     bcd_sweeps: int | None = None,
     forgetting: float = 6.0,
     forgetting_offset: float = 10.0,
-    duplicate_threshold: float | None = 0.97,
+    duplicate_threshold: float | None = 0.95,
     max_time: float | None = None,
     max_samples: int | None = None,
     checkpoint=None,
@@ -1062,7 +1070,7 @@ def learn_dictionary_online(
     bcd_sweeps: int | None = None,
     forgetting: float = 6.0,
     forgetting_offset: float = 10.0,
-    duplicate_threshold: float | None = 0.97,
+    duplicate_threshold: float | None = 0.95,
     max_time: float | None = None,
     max_samples: int | None = None,
     checkpoint=None,
@@ -1206,7 +1214,7 @@ class DictionaryLearning(_TransformerMixin, _BaseEstimator):
 
     def __init__(self, n_atoms=None, *, method="fista", update="bcd", alpha=None, n_nonzero=None,
                  n_iter=30, batch_size=None, init="signals", positive=False, tol=1e-6,
-                 dead_after=None, ksvd_svd="exact", forgetting=6.0, duplicate_threshold=0.97,
+                 dead_after=None, ksvd_svd="exact", forgetting=6.0, duplicate_threshold=0.95,
                  max_time=None, solver_options=None, transform_max_iter=1000, transform_tol=1e-6,
                  progress=False, random_state=None):
         self.n_atoms = n_atoms
