@@ -659,6 +659,11 @@ def _numba_available() -> bool:
 if _numba_available():
     import numba
 
+    def _n_blocks(n):
+        """Blocks of samples for ``prange``: many per thread, so that a thread slowed by
+        other work on the machine does not hold up the rest."""
+        return max(1, min(n, 16 * numba.get_num_threads()))
+
     @numba.njit(parallel=True, cache=True, fastmath=False)
     def _omp_numba(alpha0, G, gdiag, xnorm2, thr, selectable, s_max, tol, d_floor, nblocks, S, coef, n_steps):
         n, k = alpha0.shape
@@ -808,7 +813,7 @@ if _numba_available():
         tol_v = -np.inf if tol is None else float(tol)
         _mp_numba(np.ascontiguousarray(X), np.ascontiguousarray(Dn), np.ascontiguousarray(G),
                   np.ascontiguousarray(alpha0), np.ascontiguousarray(thr), np.ascontiguousarray(usable),
-                  int(steps), tol_v, bool(positive), max(1, min(n, 4 * numba.get_num_threads())),
+                  int(steps), tol_v, bool(positive), _n_blocks(n),
                   codes, err, n_steps, exhausted)
         return codes, err, n_steps, exhausted
 
@@ -826,7 +831,7 @@ if _numba_available():
         tol_v = -np.inf if tol is None else float(tol)
         _omp_numba(alpha0, G, np.ascontiguousarray(np.diagonal(G)), np.ascontiguousarray(xnorm2),
                    np.ascontiguousarray(thr), np.ascontiguousarray(usable), int(s_max), tol_v,
-                   10.0 * eps, max(1, min(n, 4 * numba.get_num_threads())), S, coef, n_steps)
+                   10.0 * eps, _n_blocks(n), S, coef, n_steps)
         T = int(n_steps.max()) if n else 0
         return S[:, :T], coef[:, :T], n_steps
 
