@@ -334,6 +334,16 @@ def test_iht_sparsity_monotone_and_least_squares_on_support(positive):
     assert np.mean(np.all(on == (A != 0), axis=1)) >= 0.9
 
 
+def test_iht_warm_start_never_increases_objective():
+    X, D, A = random_problem(27, n=40, f=32, k=64, s=4, noise=0.05, unit=False)
+    start = omp(X, D, n_nonzero=4)
+    res = iht(X, D, n_nonzero=4, init=start.codes, max_iter=20)
+    assert np.all(res.objective <= start.objective * (1 + 1e-12) + 1e-15)
+    assert np.all(np.count_nonzero(res.codes, axis=1) <= 4)
+    with pytest.raises(ValueError, match="init"):
+        iht(X, D, n_nonzero=4, init=start.codes[:3])
+
+
 def test_iht_fixed_step_is_monotone():
     X, D, _ = random_problem(17, n=20, f=32, k=64, s=3, noise=0.05)
     prev = np.sum(X * X, axis=1)
