@@ -265,6 +265,26 @@ def test_gram_and_explicit_gradients_give_the_same_iterates(xp, restart, positiv
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("variant", ["fista", "fista-restart-function", "fista-backtracking"])
+def test_scale_equivariance(xp, variant):
+    """codes(c X, D, c alpha) = c codes(X, D, alpha) and codes(X, c D, c alpha) = codes(X, D, alpha) / c.
+    With c a power of two every floating-point step scales exactly, so the iterates (and the
+    stopping decisions, which compare relative quantities) are the same: equality, not closeness."""
+    X, D, alpha = problem_np(4, 8, 12, seed=3, scale=0.2)
+    solver, opts = _VARIANTS[variant]
+    base = solver(asxp(xp, X), asxp(xp, D), alpha, tol=1e-9, **opts)
+    A = npx(base.codes)
+    for c in (2.0**-200, 2.0**200):
+        res = solver(asxp(xp, c * X), asxp(xp, D), c * alpha, tol=1e-9, **opts)
+        np.testing.assert_allclose(npx(res.codes), c * A, rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(npx(res.n_iter), npx(base.n_iter))
+        np.testing.assert_allclose(npx(res.objective), c * c * npx(base.objective), rtol=1e-13)
+    for c in (2.0**-100,):
+        res = solver(asxp(xp, X), asxp(xp, c * D), c * alpha, tol=1e-9, **opts)
+        np.testing.assert_allclose(npx(res.codes), A / c, rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(npx(res.n_iter), npx(base.n_iter))
+
+
 # --------------------------------------------------------------------------- per-atom alpha
 @pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
 def test_per_atom_alpha(xp, positive):
