@@ -38,14 +38,14 @@ from sparsecode.sae import amortization_gap, train_sae
 from sparsecode.store import ActivationStore
 
 QUICK = os.environ.get("SPARSECODE_NOTEBOOK_QUICK") == "1"
-n_tokens = 768 if QUICK else 8192
+n_tokens = 512 if QUICK else 8192
 work = Path(os.environ.get("SPARSECODE_NOTEBOOK_DIR") or tempfile.mkdtemp(prefix="sae-notebook-"))
 
 status = model_status()
 if status is None:
     from sparsecode.extract import default_corpus, extract_activations
 
-    texts = default_corpus()[: 400 if QUICK else None]
+    texts = default_corpus()[: 200 if QUICK else None]
     path = extract_activations("smollm2", 12, texts, work / "acts", max_tokens=n_tokens, context_length=64,
                                batch_size=16, skip_bos=True, progress=False)
     source = path
@@ -64,7 +64,7 @@ print(store, f"held out: {X_hold.shape[0]} rows")
 # normalisation constant is kept as its `input_scale`.
 
 # %%
-d_sae = 512 if QUICK else 2304
+d_sae = 256 if QUICK else 2304
 epochs = 3 if QUICK else 8
 saes = {}
 saes["TopK (k=32)"], _ = train_sae(store, d_sae, "topk", k=32, n_tokens=epochs * store.n_train,
@@ -84,7 +84,7 @@ for name, sae in saes.items():
 # %%
 n_gap = min(128 if QUICK else 512, X_hold.shape[0])
 for name, sae in saes.items():
-    g = amortization_gap(sae, X_hold[:n_gap])
+    g = amortization_gap(sae, X_hold[:n_gap], max_iter=300 if QUICK else 2000)
     print(f"{name:<12} {g['method'].upper():<5} SAE objective {g['sae_objective']:.4g}, solver "
           f"{g['solver_objective']:.4g} (relative gap {g['relative_gap']:.3f}); FVU {g['sae_fvu']:.3f} -> "
           f"{g['solver_fvu']:.3f}")

@@ -310,6 +310,14 @@ def test_report_cli(tmp_path):
     assert rc == 0
     assert len(list((tmp_path / "cli" / "features").glob("f*.html"))) == 3
     assert "tsne-map" not in _parse(tmp_path / "cli" / "index.html").ids
+    # an SAE folder (SAELens layout) on the same store
+    from sparsecode.sae import train_sae
+
+    sae, _ = train_sae(store, 24, "topk", k=2, n_steps=20, batch_size=64, seed=0)
+    sae.save(tmp_path / "sae")
+    assert main(["report", str(tmp_path / "acts"), "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "cli3"),
+                 "--max-features", "2", "--no-tsne"]) == 0
+    assert "sparse autoencoder" in (tmp_path / "cli3" / "index.html").read_text(encoding="utf-8")
     # errors are reported, not raised
     assert main(["report", str(tmp_path / "acts"), "--dictionary", str(tmp_path / "dict.npy"),
                  "--method", "omp", "--out", str(tmp_path / "cli2")]) == 2
