@@ -16,7 +16,7 @@ the dictionary *as given* (``a_j = a'_j / ||d_j||``). All-zero atoms are never s
 
 All three methods are batched: a whole block of samples steps together with array-API
 operations (NumPy, array-api-strict, CuPy), so no Python loop runs over samples. On NumPy, MP
-and OMP without the non-negativity constraint are served by Numba kernels (parallel over
+and OMP (also non-negative) are served by Numba kernels (parallel over
 samples) that run the same algorithms one sample at a time, registered with
 ``sparsecode.backend.register_kernel`` and chosen because ``benchmarks/pursuits.py`` shows them
 faster (about 5-10x on the benchmark problems); ``kernel="portable"`` forces the array-API
@@ -54,7 +54,7 @@ sample stops), then refits the coefficients on the support by non-negative least
 solution). Atoms whose coefficient the refit sets to zero stay in the support (they count as a
 step) but are no longer used; the refit satisfies the KKT conditions of the NNLS problem on the
 support: ``gamma >= 0``, ``(G_SS gamma - alpha0_S)_i = 0`` where ``gamma_i > 0`` and ``>= 0``
-where ``gamma_i = 0``. This path is portable only (no Numba kernel).
+where ``gamma_i = 0``. A Numba kernel runs the same steps per sample on NumPy.
 """
 
 from __future__ import annotations
@@ -355,8 +355,8 @@ def omp(
     positive : non-negative OMP (codes >= 0, NNLS refit)
     gram : optional precomputed ``D @ D.T`` (n_atoms, n_atoms) of the dictionary as given;
         saves the ``n_atoms^2 * n_features`` Gram product on repeated calls
-    kernel : "auto" (Numba kernel on NumPy when available and ``positive`` is False, else the
-        portable code), "portable" or "numba"
+    kernel : "auto" (the Numba kernel on NumPy when available, else the portable code),
+        "portable" or "numba"
     batch_size : samples per block of the portable code (default: blocks of about 64 MiB of
         state on the CPU, 1 GiB on an accelerator; ``n_atoms * n_nonzero`` numbers per sample)
     progress : tqdm bar over blocks
@@ -392,12 +392,11 @@ def omp(
     thr = 100.0 * eps * xp.sqrt(xnorm2)
 
     kern = None
-    if kernel != "portable" and not positive:
-        kern = get_kernel("omp", xp)
+    if kernel != "portable":
+        kern = get_kernel("omp_nonneg" if positive else "omp", xp)
     if kernel == "numba" and kern is None:
         raise ValueError(
-            "kernel='numba' needs NumPy arrays, Numba installed and positive=False; "
-            "use kernel='auto' or 'portable'"
+            "kernel='numba' needs NumPy arrays and Numba installed; use kernel='auto' or 'portable'"
         )
     t0 = time.perf_counter()
     if s_max == 0:
@@ -816,6 +815,142 @@ if _numba_available():
                   int(steps), tol_v, bool(positive), _n_blocks(n),
                   codes, err, n_steps, exhausted)
         return codes, err, n_steps, exhausted
+
+    @numba.njit(cache=True)
+    def _nnls_lh(M, b, gamma, P, m, thr, ridge):
+        """Lawson-Hanson NNLS on the leading m x m block, warm-started from (gamma, P); the
+        per-sample counterpart of :func:`_batched_nnls` (same steps, same tie-breaking)."""
+        s = np.zeros(m, dtype=b.dtype)
+        for _ in range(3 * m + 10):
+            npas = 0
+            for l in range(m):
+                if P[l]:
+                    npas += 1
+            for l in range(m):
+                s[l] = 0.0
+            if npas > 0:
+                idx = np.empty(npas, dtype=np.int64)
+                c = 0
+                for l in range(m):
+                    if P[l]:
+                        idx[c] = l
+                        c += 1
+                A = np.empty((npas, npas), dtype=b.dtype)
+                rhs = np.empty(npas, dtype=b.dtype)
+                for a in range(npas):
+                    rhs[a] = b[idx[a]]
+                    for c2 in range(npas):
+                        A[a, c2] = M[idx[a], idx[c2]]
+                    A[a, a] += ridge
+                sol = np.linalg.solve(A, rhs)
+                for a in range(npas):
+                    s[idx[a]] = sol[a]
+            q = -1
+            best = np.inf
+            for l in range(m):
+                if P[l] and s[l] <= 0:
+                    r = gamma[l] / (gamma[l] - s[l])
+                    if r < best:
+                        best = r
+                        q = l
+            if q >= 0:  # step back to stay feasible, drop the entries that reach zero
+                for l in range(m):
+                    if P[l]:
+                        g = gamma[l] + best * (s[l] - gamma[l])
+                        if g > 0 and l != q:
+                            gamma[l] = g
+                        else:
+                            gamma[l] = 0.0
+                            P[l] = False
+                continue
+            for l in range(m):
+                gamma[l] = s[l]
+            jj = -1
+            wbest = -np.inf
+            for l in range(m):
+                if not P[l]:
+                    w = b[l]
+                    for c2 in range(m):
+                        w -= M[l, c2] * s[c2]
+                    if w > wbest:
+                        wbest = w
+                        jj = l
+            if jj >= 0 and wbest > thr:
+                P[jj] = True
+            else:
+                break
+
+    @numba.njit(parallel=True, cache=True)
+    def _omp_nonneg_numba(alpha0, G, gdiag, xnorm2, thr, selectable, s_max, tol, ridge, nblocks, S, coef, n_steps):
+        n, k = alpha0.shape
+        for blk in numba.prange(nblocks):
+            lo = (blk * n) // nblocks
+            hi = ((blk + 1) * n) // nblocks
+            M = np.zeros((s_max, s_max), dtype=alpha0.dtype)
+            b = np.zeros(s_max, dtype=alpha0.dtype)
+            gamma = np.zeros(s_max, dtype=alpha0.dtype)
+            P = np.zeros(s_max, dtype=np.bool_)
+            Si = np.zeros(s_max, dtype=np.int64)
+            alpha = np.empty(k, dtype=alpha0.dtype)
+            blocked = np.empty(k, dtype=np.bool_)
+            for i in range(lo, hi):
+                for q in range(k):
+                    alpha[q] = alpha0[i, q]
+                    blocked[q] = not selectable[q]
+                e = xnorm2[i]
+                t = 0
+                while t < s_max and e > tol and xnorm2[i] > 0:
+                    best = -1.0
+                    jb = -1
+                    for q in range(k):
+                        if not blocked[q]:
+                            if alpha[q] > best:
+                                best = alpha[q]
+                                jb = q
+                    if jb < 0 or best <= thr[i]:
+                        break
+                    Si[t] = jb
+                    blocked[jb] = True
+                    for l in range(t):
+                        M[t, l] = G[jb, Si[l]]
+                        M[l, t] = M[t, l]
+                    M[t, t] = gdiag[jb]
+                    b[t] = alpha0[i, jb]
+                    gamma[t] = 0.0
+                    P[t] = False
+                    t += 1
+                    _nnls_lh(M, b, gamma, P, t, thr[i], ridge)
+                    for q in range(k):
+                        alpha[q] = alpha0[i, q]
+                    e = xnorm2[i]
+                    for l in range(t):
+                        g = gamma[l]
+                        e -= g * b[l]
+                        if g != 0:
+                            row = G[Si[l]]
+                            for q in range(k):
+                                alpha[q] -= g * row[q]
+                for l in range(t):
+                    S[i, l] = Si[l]
+                    coef[i, l] = gamma[l]
+                n_steps[i] = t
+
+    @register_kernel("omp_nonneg", "numpy")
+    def _omp_nonneg_numpy_kernel(alpha0, G, xnorm2, thr, usable, s_max, tol, eps):
+        """Numba non-negative OMP: the portable algorithm (positive selection, warm-started
+        Lawson-Hanson refit) one sample at a time, samples in parallel blocks."""
+        n, k = alpha0.shape
+        dt = alpha0.dtype
+        S = np.full((n, s_max), -1, dtype=np.int64)
+        coef = np.zeros((n, s_max), dtype=dt)
+        n_steps = np.zeros(n, dtype=np.int64)
+        tol_v = -np.inf if tol is None else float(tol)
+        _omp_nonneg_numba(np.ascontiguousarray(alpha0), np.ascontiguousarray(G),
+                          np.ascontiguousarray(np.diagonal(G)), np.ascontiguousarray(xnorm2),
+                          np.ascontiguousarray(thr), np.ascontiguousarray(usable), int(s_max), tol_v,
+                          10.0 * eps, _n_blocks(n), S, coef, n_steps)
+        T = int(n_steps.max()) if n else 0
+        return S[:, :T], coef[:, :T], n_steps
 
     @register_kernel("omp", "numpy")
     def _omp_numpy_kernel(alpha0, G, xnorm2, thr, usable, s_max, tol, eps):

@@ -220,13 +220,14 @@ def test_zero_signals_and_single_signal(fn):
 
 
 # --------------------------------------------------------------------------- non-negative OMP
-def test_nonneg_omp_kkt_and_nnls():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nonneg_omp_kkt_and_nnls(kernel):
     rng = np.random.default_rng(12)
     n, f, k = 40, 30, 60
     D = rng.standard_normal((k, f)) * rng.uniform(0.5, 2, (k, 1))
     X = np.abs(rng.standard_normal((n, 4))) @ D[:4] + 0.3 * rng.standard_normal((n, f))
-    res = omp(X, D, n_nonzero=8, positive=True)
-    assert res.info["kernel"] == "portable"
+    res = omp(X, D, n_nonzero=8, positive=True, kernel=kernel)
+    assert res.info["kernel"] == kernel
     C = res.codes
     assert np.all(C >= 0)
     Dn = D / np.linalg.norm(D, axis=1, keepdims=True)
@@ -259,6 +260,22 @@ def test_nonneg_omp_equals_omp_when_unconstrained_solution_is_positive():
     X = A @ D
     pos = omp(X, D, n_nonzero=3, positive=True)
     np.testing.assert_allclose(pos.codes, A, atol=1e-10)
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="Numba not installed")
+@pytest.mark.parametrize("kw", [{"n_nonzero": 10}, {"n_nonzero": 60}, {"tol": 5.0}])
+def test_nonneg_omp_portable_and_numba_agree(kw):
+    rng = np.random.default_rng(28)
+    X = rng.standard_normal((150, 40))
+    D = rng.standard_normal((90, 40))
+    D[5] = 0.0
+    X[7] = 0.0
+    a = omp(X, D, positive=True, kernel="portable", **kw)
+    b = omp(X, D, positive=True, kernel="numba", **kw)
+    np.testing.assert_array_equal(a.info["support"], b.info["support"])
+    np.testing.assert_array_equal(a.n_iter, b.n_iter)
+    np.testing.assert_allclose(a.codes, b.codes, rtol=1e-9, atol=1e-11)
+    assert np.all(b.codes >= 0)
 
 
 # --------------------------------------------------------------------------- MP
@@ -354,7 +371,8 @@ def test_iht_fixed_step_is_monotone():
 
 
 # --------------------------------------------------------------------------- dtypes, backends
-@pytest.mark.parametrize("name", ["mp", "mp-portable", "omp-portable", "omp-numba", "omp-positive", "iht"])
+@pytest.mark.parametrize("name", ["mp", "mp-portable", "omp-portable", "omp-numba", "omp-positive",
+                                  "omp-positive-portable", "iht"])
 def test_float32_stays_float32(name):
     X, D, _ = random_problem(18, n=30, f=24, k=48, s=3, noise=0.01)
     X32, D32 = X.astype(np.float32), D.astype(np.float32)
@@ -366,6 +384,7 @@ def test_float32_stays_float32(name):
         "omp-portable": (omp, {"n_nonzero": 3, "kernel": "portable"}),
         "omp-numba": (omp, {"n_nonzero": 3, "kernel": "numba"}),
         "omp-positive": (omp, {"n_nonzero": 3, "positive": True}),
+        "omp-positive-portable": (omp, {"n_nonzero": 3, "positive": True, "kernel": "portable"}),
         "iht": (iht, {"n_nonzero": 3}),
     }[name]
     r32, r64 = fn(X32, D32, **kw), fn(X, D, **kw)
@@ -470,8 +489,9 @@ def test_bad_options():
         matching_pursuit(X, D, n_nonzero=2, kernel="cuda")
     with pytest.raises(ValueError, match="batch_size"):
         omp(X, D, n_nonzero=2, batch_size=0)
+    xps = pytest.importorskip("array_api_strict")
     with pytest.raises(ValueError, match="kernel='numba'"):
-        omp(X, D, n_nonzero=2, positive=True, kernel="numba")
+        omp(xps.asarray(X), xps.asarray(D), n_nonzero=2, kernel="numba")
     with pytest.raises(ValueError, match="step"):
         iht(X, D, n_nonzero=2, step=-1.0)
     with pytest.raises(ValueError, match="step"):
