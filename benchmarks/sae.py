@@ -156,7 +156,7 @@ def time_steps(arch, X, d_sae, k, n_steps, lr=1e-4, target_l0=None):
 
 def part_throughput(args, X_src):
     rng = np.random.default_rng(0)
-    d_in, d_sae, k, n = (576, 4608, 32, args.batch) if not args.quick else (X_src.shape[1], 8 * X_src.shape[1], 8, 256)
+    d_in, d_sae, k, n = (576, 4608, 32, args.batch) if not args.quick else (X_src.shape[1], 4 * X_src.shape[1], 8, 128)
     if X_src.shape[1] != d_in:  # data of another width: a Gaussian batch of the benchmark's width
         X = rng.standard_normal((n, d_in)).astype(np.float32)
     else:
@@ -198,7 +198,7 @@ def levels(arch, quick):
 
 
 def part_quality(args, src, hold, d_in):
-    d_sae = args.quality_d_sae if not args.quick else 4 * d_in
+    d_sae = args.quality_d_sae if not args.quick else 2 * d_in
     print(f"\n== FVU / L0 on held-out rows ({len(hold)}), d_sae={d_sae}, {args.quality_steps} steps "
           f"of {args.quality_batch}, lr {args.lr} ==")
     print(f"{'encoder':<11} {'setting':<18} {'FVU':>7} {'L0':>7} {'dead':>6} {'train s':>8} | {'solver':<6} "
@@ -300,7 +300,8 @@ def main(argv=None):
         args.synthetic_rows = 3000 if args.quick else 30000
     if args.quick:
         args.synthetic = args.synthetic or args.acts is None
-        args.eval_rows, args.gap_rows, args.quality_batch = 256, 64, 256
+        args.eval_rows, args.gap_rows, args.quality_batch = 128, 32, 128
+        args.synthetic_rows = min(args.synthetic_rows, 1500)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     src, hold, d_in, desc = load_data(args)

@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 
 import numpy as np
 

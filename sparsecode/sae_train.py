@@ -31,6 +31,9 @@ Non-finite input: a batch containing NaN or Inf is never trained on. With ``on_n
 (default) it is skipped, counted in ``log["n_skipped_batches"]`` and a ``RuntimeWarning`` is
 issued; with ``on_nan="raise"`` a ``ValueError`` names the step and batch. A loss or gradient
 that becomes non-finite on finite data (divergence) raises ``FloatingPointError``.
+An :class:`~sparsecode.store.ActivationStore` opened with ``check_finite=True`` (its default)
+already refuses non-finite rows when it reads them (``ValueError``); open it with
+``check_finite=False`` to have such batches skipped here instead.
 """
 
 from __future__ import annotations

@@ -461,3 +461,21 @@ def test_train_from_activation_store_and_cli(signals, tmp_path):
     assert main(["encode", path, "--dictionary", D, "--method", "omp", "--k", "3", "--out", codes,
                  "--max-rows", "100"]) == 0
     assert sp.load_npz(codes).shape == (100, 40)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks/sae.py --quick end to end (keeps the script from rotting; no timing asserted)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sae.py")
+    spec = importlib.util.spec_from_file_location("bench_sae", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--synthetic", "--out", str(tmp_path), "--time-steps", "1",
+                     "--quality-steps", "8"]) == 0
+    res = json.load(open(tmp_path / "sae_benchmark_quick.json"))
+    assert {r["encoder"] for r in res["quality"]} == set(ARCHITECTURES)
+    assert all(np.isfinite(r["fvu"]) and r["l0"] >= 0 for r in res["quality"])
+    assert all(r["tokens_per_s"] > 0 for r in res["throughput"])
+    assert os.path.getsize(tmp_path / "sae_frontier_quick.png") > 0
