@@ -739,9 +739,8 @@ def _mp_forward(sae, xc, xp, record=False):
     W = sae.W_dec
     n, m = xc.shape[0], W.shape[0]
     r = xc
-    codes = xp.zeros((n, m), dtype=xc.dtype, device=_device(xc))
-    ar = xp.arange(m, device=_device(xc))
     steps = []
+    js, cs = [], []
     positive = False  # MP-SAE codes are signed (bidirectional atoms), as in classical MP
     # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
     # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same values either way.
@@ -752,20 +751,38 @@ def _mp_forward(sae, xc, xp, record=False):
         if t > 0 and not use_gram:
             C = r @ W.T
         j = xp.argmax(C if positive else xp.abs(C), axis=1)
-        onehot = ar[None, :] == j[:, None]
-        c_pre = xp.sum(xp.where(onehot, C, _zero(C, xp)), axis=1)
-        active = xp.ones((n,), dtype=xp.bool, device=_device(xc))
+        c_pre = xp.take_along_axis(C, j[:, None], axis=1)[:, 0]
         if sae.mp_tol is not None:
             active = xp.sum(r * r, axis=1) > sae.mp_tol
-        c = xp.where(active, c_pre, xp.zeros_like(c_pre))
+            c = xp.where(active, c_pre, xp.zeros_like(c_pre))
+        else:
+            active = None
+            c = c_pre
         d = xp.take(W, j, axis=0)
         if record:
             steps.append((j, c, active, r))
         r = r - c[:, None] * d
-        codes = codes + xp.where(onehot, c[:, None], _zero(C, xp))
-        if use_gram:
+        js.append(j)
+        cs.append(c)
+        if use_gram and t + 1 < int(sae.k):
             C = C - c[:, None] * xp.take(Gm, j, axis=0)
+    codes = _ks_dense_sum(xp.stack(js, axis=1), xp.stack(cs, axis=1), m, xp)
     return codes, r, steps
+
+
+def _ks_dense_sum(idx, vals, m, xp):
+    """Dense (n, m) codes from (idx, vals) pairs whose indices may repeat in a row (summed)."""
+    kern = get_kernel("sae_ks_dense_sum", xp)
+    if kern is not None:
+        return kern(idx, vals, m)
+    return _ks_dense(idx, vals, m, xp)  # the portable version adds every pair
+
+
+@register_kernel("sae_ks_dense_sum", "numpy")
+def _ks_dense_sum_np(idx, vals, m):
+    out = np.zeros((vals.shape[0], m), dtype=vals.dtype)
+    np.add.at(out, (np.repeat(np.arange(vals.shape[0]), idx.shape[1]), idx.reshape(-1)), vals.reshape(-1))
+    return out
 
 
 def _lista_forward(sae, xc, xp, record=False):
@@ -889,7 +906,8 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         for j, c, active, r_t in reversed(steps):
             d = xp.take(W_dec, j, axis=0)
             g_c = -xp.sum(g_r * d, axis=1)
-            g_c = xp.where(active, g_c, xp.zeros_like(g_c))
+            if active is not None:
+                g_c = xp.where(active, g_c, xp.zeros_like(g_c))
             idx_all.append(j)
             rows_all.append(-c[:, None] * g_r + g_c[:, None] * r_t)
             g_r = g_r + g_c[:, None] * d
