@@ -817,34 +817,39 @@ if _numba_available():
         return codes, err, n_steps, exhausted
 
     @numba.njit(cache=True)
-    def _nnls_lh(M, b, gamma, P, m, thr, ridge):
+    def _chol_refactor(M, pidx, npas, Lc, ridge):
+        """Cholesky factor of ``M[pidx, pidx] + ridge * I`` into ``Lc`` (from scratch)."""
+        for a in range(npas):
+            for c in range(a + 1):
+                acc = M[pidx[a], pidx[c]]
+                if a == c:
+                    acc += ridge
+                for e in range(c):
+                    acc -= Lc[a, e] * Lc[c, e]
+                if a == c:
+                    Lc[a, a] = np.sqrt(max(acc, ridge))
+                else:
+                    Lc[a, c] = acc / Lc[c, c]
+
+    @numba.njit(cache=True)
+    def _nnls_lh(M, b, gamma, P, m, thr, ridge, pidx, npas, Lc, y, s):
         """Lawson-Hanson NNLS on the leading m x m block, warm-started from (gamma, P); the
-        per-sample counterpart of :func:`_batched_nnls` (same steps, same tie-breaking)."""
-        s = np.zeros(m, dtype=b.dtype)
+        per-sample counterpart of :func:`_batched_nnls` (same steps, same tie-breaking).
+        The factor ``Lc`` of the passive block (indices ``pidx[:npas]``) is extended by one
+        row when an index enters and refactored when indices leave. Returns ``npas``."""
         for _ in range(3 * m + 10):
-            npas = 0
-            for l in range(m):
-                if P[l]:
-                    npas += 1
             for l in range(m):
                 s[l] = 0.0
-            if npas > 0:
-                idx = np.empty(npas, dtype=np.int64)
-                c = 0
-                for l in range(m):
-                    if P[l]:
-                        idx[c] = l
-                        c += 1
-                A = np.empty((npas, npas), dtype=b.dtype)
-                rhs = np.empty(npas, dtype=b.dtype)
-                for a in range(npas):
-                    rhs[a] = b[idx[a]]
-                    for c2 in range(npas):
-                        A[a, c2] = M[idx[a], idx[c2]]
-                    A[a, a] += ridge
-                sol = np.linalg.solve(A, rhs)
-                for a in range(npas):
-                    s[idx[a]] = sol[a]
+            for a in range(npas):  # forward then back substitution
+                acc = b[pidx[a]]
+                for c in range(a):
+                    acc -= Lc[a, c] * y[c]
+                y[a] = acc / Lc[a, a]
+            for a in range(npas - 1, -1, -1):
+                acc = y[a]
+                for c in range(a + 1, npas):
+                    acc -= Lc[c, a] * s[pidx[c]]
+                s[pidx[a]] = acc / Lc[a, a]
             q = -1
             best = np.inf
             for l in range(m):
@@ -862,6 +867,13 @@ if _numba_available():
                         else:
                             gamma[l] = 0.0
                             P[l] = False
+                c = 0
+                for a in range(npas):
+                    if P[pidx[a]]:
+                        pidx[c] = pidx[a]
+                        c += 1
+                npas = c
+                _chol_refactor(M, pidx, npas, Lc, ridge)
                 continue
             for l in range(m):
                 gamma[l] = s[l]
@@ -870,15 +882,25 @@ if _numba_available():
             for l in range(m):
                 if not P[l]:
                     w = b[l]
-                    for c2 in range(m):
-                        w -= M[l, c2] * s[c2]
+                    for c in range(m):
+                        w -= M[l, c] * s[c]
                     if w > wbest:
                         wbest = w
                         jj = l
-            if jj >= 0 and wbest > thr:
-                P[jj] = True
-            else:
+            if jj < 0 or wbest <= thr:
                 break
+            P[jj] = True
+            d2 = M[jj, jj] + ridge
+            for c in range(npas):
+                acc = M[jj, pidx[c]]
+                for e in range(c):
+                    acc -= Lc[npas, e] * Lc[c, e]
+                Lc[npas, c] = acc / Lc[c, c]
+                d2 -= Lc[npas, c] * Lc[npas, c]
+            Lc[npas, npas] = np.sqrt(max(d2, ridge))
+            pidx[npas] = jj
+            npas += 1
+        return npas
 
     @numba.njit(parallel=True, cache=True)
     def _omp_nonneg_numba(alpha0, G, gdiag, xnorm2, thr, selectable, s_max, tol, ridge, nblocks, S, coef, n_steps):
@@ -891,6 +913,10 @@ if _numba_available():
             gamma = np.zeros(s_max, dtype=alpha0.dtype)
             P = np.zeros(s_max, dtype=np.bool_)
             Si = np.zeros(s_max, dtype=np.int64)
+            pidx = np.zeros(s_max, dtype=np.int64)
+            Lc = np.zeros((s_max, s_max), dtype=alpha0.dtype)
+            y = np.zeros(s_max, dtype=alpha0.dtype)
+            sv = np.zeros(s_max, dtype=alpha0.dtype)
             alpha = np.empty(k, dtype=alpha0.dtype)
             blocked = np.empty(k, dtype=np.bool_)
             for i in range(lo, hi):
@@ -899,6 +925,7 @@ if _numba_available():
                     blocked[q] = not selectable[q]
                 e = xnorm2[i]
                 t = 0
+                npas = 0
                 while t < s_max and e > tol and xnorm2[i] > 0:
                     best = -1.0
                     jb = -1
@@ -919,7 +946,7 @@ if _numba_available():
                     gamma[t] = 0.0
                     P[t] = False
                     t += 1
-                    _nnls_lh(M, b, gamma, P, t, thr[i], ridge)
+                    npas = _nnls_lh(M, b, gamma, P, t, thr[i], ridge, pidx, npas, Lc, y, sv)
                     for q in range(k):
                         alpha[q] = alpha0[i, q]
                     e = xnorm2[i]
