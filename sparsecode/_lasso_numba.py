@@ -1,36 +1,65 @@
-"""Numba kernel for the proximal-gradient step of the Lasso in Gram form (NumPy backend).
+"""Numba kernels for the Lasso in Gram form (NumPy backend).
 
-``Z = prox(Y - (Y @ G - C) / L, alpha / L)`` row by row, exploiting the sparsity of ``Y``:
-the product ``Y @ G`` costs ``nnz(y) * n_atoms`` per row instead of ``n_atoms**2``. Rows are
-processed in parallel (prange). The portable code in ``lasso.py`` computes the same thing
-with dense products; this kernel is registered beside it and used only on NumPy arrays.
+``prox_grad_gram``: ``Z = prox(Y - (Y @ G - C) / L, alpha / L)`` row by row, exploiting the
+sparsity of ``Y``: the product ``Y @ G`` costs ``nnz(y) * n_atoms`` per row instead of
+``n_atoms**2``. Optionally also returns, per row, ``(y - z) . (z - a)`` (the gradient-restart
+test of O'Donoghue & Candes) while ``y`` and ``z`` are in cache.
+
+``sparse_times_gram``: ``A @ G`` with the same row-sparse loop, for the duality gap.
+
+Rows are processed in parallel (prange). The portable code in ``lasso.py`` computes the same
+quantities with dense products; these kernels are registered beside it, used on NumPy only.
+Products are accumulated in float64 (float32 Gram-form cancellation costs ~1e-6 otherwise).
 """
 
 import numba as nb
 import numpy as np
 
 
-@nb.njit(parallel=True, fastmath=False, cache=True)
-def prox_grad_gram(Y, G, C, L, thr, positive, Z):
+@nb.njit(parallel=True, cache=True)
+def prox_grad_gram(Y, G, C, L, thr, positive, Z, A_prev, dots, want_dots):
     n, k = Y.shape
     for i in nb.prange(n):
-        q = np.zeros(k, dtype=np.float64)  # float64 accumulation: float32 Gram-form cancellation
+        q = np.zeros(k, dtype=np.float64)
         for j in range(k):
             y = Y[i, j]
             if y != 0.0:
                 g = G[j]
                 for m in range(k):
                     q[m] += y * g[m]
+        acc = 0.0
         for m in range(k):
             # both divided by L: at y = 0 and alpha = max|c| the code is exactly zero
             v = Y[i, m] - (q[m] - C[i, m]) / L
             t = thr[m] / L
             if positive:
-                Z[i, m] = v - t if v > t else 0.0
+                z = v - t if v > t else 0.0
             elif v > t:
-                Z[i, m] = v - t
+                z = v - t
             elif v < -t:
-                Z[i, m] = v + t
+                z = v + t
             else:
-                Z[i, m] = 0.0
+                z = 0.0
+            Z[i, m] = z
+            if want_dots:
+                zz = Z[i, m]  # the stored (possibly float32) value
+                acc += (Y[i, m] - zz) * (zz - A_prev[i, m])
+        if want_dots:
+            dots[i] = acc
     return Z
+
+
+@nb.njit(parallel=True, cache=True)
+def sparse_times_gram(A, G, Q):
+    n, k = A.shape
+    for i in nb.prange(n):
+        q = np.zeros(k, dtype=np.float64)
+        for j in range(k):
+            a = A[i, j]
+            if a != 0.0:
+                g = G[j]
+                for m in range(k):
+                    q[m] += a * g[m]
+        for m in range(k):
+            Q[i, m] = q[m]
+    return Q

@@ -338,13 +338,21 @@ def _proximal_gradient(
     # Built once in float64 and rounded: in float32 the accumulated error of these products
     # (~sqrt(n_features) * eps) moves the Gram-form fixed point by ~1e-6 relative.
     XDt = _correlations(X, D, xp)  # needed by the Gram form; cheap relative to the iterations
-    G = None
+    G = G_cert = None
     if use_gram:
-        G = xp.astype(xp.astype(D, xp.float64) @ xp.astype(D, xp.float64).T, dtype) if dtype == xp.float32 else D @ D.T
+        if dtype == xp.float32:
+            G_cert = xp.astype(D, xp.float64) @ xp.astype(D, xp.float64).T
+            G = xp.astype(G_cert, dtype)
+        else:
+            G = G_cert = D @ D.T
     thr_vec = None
     if kernel is not None:
         thr_vec = asarray_like(np.broadcast_to(to_numpy(alpha), (1, k))[0], X)
     dense_iterates = False  # switch to BLAS when the iterates are too dense for the kernel
+    gap_kernel = get_kernel("lasso_sparse_times_gram", xp) if kernel is not None else None
+    if gap_kernel is not None and G_cert is not None and G_cert.dtype != G.dtype and k * k * 8 > _GRAM_MAX_BYTES // 2:
+        gap_kernel = None  # a second, float64 Gram matrix would not fit: certify explicitly
+    x2a = xp.sum(xp.astype(X, xp.float64) ** 2, axis=1) if gap_kernel is not None else None
     # step and threshold both divided by L in the problem dtype: at alpha = alpha_max the
     # largest correlation then sits exactly on the threshold and its code is exactly zero
     L_arr = xp.asarray(L, dtype=dtype, device=_device(X))
@@ -353,7 +361,11 @@ def _proximal_gradient(
     def grad(Y, XDt_, X_):
         if use_gram:
             return Y @ G - XDt_
-        return (Y @ D - X_) @ D.T
+        g = (Y @ D - X_) @ D.T
+        # at an all-zero row the gradient is -x D^T, already formed (in float64, rounded): using
+        # it keeps codes exactly zero at alpha = alpha_max, where float32 BLAS would differ by an ulp
+        zero_row = xp.logical_not(xp.any(Y != 0, axis=1))[:, None]
+        return xp.where(zero_row, -XDt_, g)
 
     def prox(Z, thr):
         if positive:
@@ -393,8 +405,12 @@ def _proximal_gradient(
     it = 0
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
+        dots = None
         if kernel is not None and not dense_iterates:
-            Znew = kernel(Ya, G, XDta, L, thr_vec, positive)
+            if accelerated and restart == "gradient":
+                Znew, dots = kernel(Ya, G, XDta, L, thr_vec, positive, A_prev=Aa)
+            else:
+                Znew = kernel(Ya, G, XDta, L, thr_vec, positive)
         else:
             G_y = grad(Ya, XDta, Xa)
             if backtracking:
@@ -420,7 +436,7 @@ def _proximal_gradient(
                 t = xp.where(worse, xp.ones_like(t), t)
             elif restart == "gradient":
                 # restart when the (generalised) gradient step Ya -> Znew opposes the momentum
-                bad = xp.sum((Ya - Znew) * (Znew - Aa), axis=1) > 0
+                bad = (dots if dots is not None else xp.sum((Ya - Znew) * (Znew - Aa), axis=1)) > 0
                 n_restarts += int(xp.sum(xp.astype(bad, xp.int64)))
                 t = xp.where(bad, xp.ones_like(t), t)
             t_next = (1.0 + xp.sqrt(1.0 + 4.0 * t * t)) / 2.0
@@ -441,7 +457,14 @@ def _proximal_gradient(
 
         if it % check_every == 0 or it == max_iter or stop_user:
             t0 = time.perf_counter()
-            primal, gap = _primal_dual(Xa, D, Aa, alpha, positive, xp)
+            if gap_kernel is not None and not dense_iterates:
+                # the certificate uses the float64 Gram matrix: the float32 one is ~1e-7 off per
+                # entry, which would blur the gap at 1e-6
+                primal, gap = _primal_dual_gram(XDta, gap_kernel(Aa, G_cert), Aa, x2a, alpha, positive, xp)
+                if dtype != xp.float64:
+                    primal, gap = xp.astype(primal, dtype), xp.astype(gap, dtype)
+            else:
+                primal, gap = _primal_dual(Xa, D, Aa, alpha, positive, xp)
             conv = _relative(gap, primal, xp) <= tol
             if kernel is not None:
                 dense_iterates = _density(Ya, xp) > _SPARSE_KERNEL_MAX_DENSITY
@@ -456,6 +479,8 @@ def _proximal_gradient(
                 idx = xp.take(idx, keep)
                 Aa, Ya, Xa, XDta = (xp.take(M, keep, axis=0) for M in (Aa, Ya, Xa, XDta))
                 t, iters, La = xp.take(t, keep), xp.take(iters, keep), xp.take(La, keep, axis=0)
+                if x2a is not None:
+                    x2a = xp.take(x2a, keep)
                 if obj_prev is not None:
                     obj_prev, half_x2, fresh = (xp.take(v, keep) for v in (obj_prev, half_x2, fresh))
             elapsed += time.perf_counter() - t0
@@ -512,13 +537,48 @@ def _density(Y, xp):
 
 
 @register_kernel("lasso_prox_grad_gram", "numpy")
-def _prox_grad_gram_numpy(Y, G, C, L, thr, positive):
+def _prox_grad_gram_numpy(Y, G, C, L, thr, positive, A_prev=None):
+    """Kernel step; with ``A_prev`` also returns the per-row restart test ``(y-z).(z-a)``."""
     from ._lasso_numba import prox_grad_gram
 
     Y = np.ascontiguousarray(Y)
     C = np.ascontiguousarray(C)
     Z = np.empty_like(Y)
-    return prox_grad_gram(Y, G, C, float(Y.dtype.type(L)), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive), Z)
+    want = A_prev is not None
+    dots = np.empty(Y.shape[0], dtype=np.float64)
+    Ap = np.ascontiguousarray(A_prev) if want else Y
+    prox_grad_gram(Y, G, C, float(Y.dtype.type(L)), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive),
+                   Z, Ap, dots, want)
+    return (Z, dots) if want else Z
+
+
+@register_kernel("lasso_sparse_times_gram", "numpy")
+def _sparse_times_gram_numpy(A, G):
+    from ._lasso_numba import sparse_times_gram
+
+    A = np.ascontiguousarray(A)
+    return sparse_times_gram(A, G, np.empty(A.shape, dtype=np.float64))
+
+
+def _primal_dual_gram(XDt, Q, A, x2, alpha, positive, xp):
+    """Primal and gap from Gram quantities (float64): ``D r = c - A G``,
+    ``||r||^2 = ||x||^2 - 2 a.c + a.(A G)``, ``x.r = ||x||^2 - a.c``; no residual formed."""
+    if XDt.dtype != xp.float64:
+        XDt, A = xp.astype(XDt, xp.float64), xp.astype(A, xp.float64)
+        if not isinstance(alpha, float):
+            alpha = xp.astype(alpha, xp.float64)
+    ac = xp.sum(A * XDt, axis=1)
+    r2 = xp.maximum(x2 - 2.0 * ac + xp.sum(A * Q, axis=1), xp.zeros_like(x2))
+    C = XDt - Q
+    primal = 0.5 * r2 + _l1(A, alpha, xp)
+    C_con = C if positive else xp.abs(C)
+    pos = C_con > 0
+    safe = xp.where(pos, C_con, xp.ones_like(C_con))
+    ratio = xp.where(pos, alpha / safe, xp.full_like(C_con, float("inf")))
+    s = xp.minimum(xp.min(ratio, axis=1), xp.ones_like(r2))
+    dual = s * (x2 - ac) - 0.5 * s * s * r2
+    gap = xp.maximum(primal - dual, xp.zeros_like(primal))
+    return primal, gap
 
 
 def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):

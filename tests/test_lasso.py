@@ -402,24 +402,13 @@ def test_function_restart_never_increases_the_objective(xp, n, f, k, dtype, scal
         assert np.all(np.diff(obj) <= slack), (solver.__name__, opts)
 
 
-_ZERO_AT_ALPHA_MAX_EXPLICIT_FLOAT32 = (
-    "lasso.py bug: with gradient='explicit' in float32 the first step uses (0 @ D - X) @ D.T "
-    "from float32 BLAS, while alpha_max (and the Gram form) use X @ D.T formed in float64 and "
-    "rounded once (_correlations); the two differ in the last bit, so at alpha == alpha_max the "
-    "largest correlation can survive as a code of ~1e-8 instead of 0 (gradient='auto' picks "
-    "this path on non-NumPy backends when n_atoms > 2 n_features)"
-)
-
-
 @pytest.mark.parametrize(
     "dtype, gradient",
     [
         ("float64", "gram"),
         ("float64", "explicit"),
         ("float32", "gram"),
-        pytest.param(
-            "float32", "explicit", marks=pytest.mark.xfail(strict=True, reason=_ZERO_AT_ALPHA_MAX_EXPLICIT_FLOAT32)
-        ),
+        ("float32", "explicit"),
     ],
 )
 def test_codes_are_exactly_zero_from_alpha_max(xp, dtype, gradient):
