@@ -216,6 +216,30 @@ def test_function_restart_certifies_tight_tolerances(positive):
 
 
 @pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
+def test_worst_case_rates_hold(xp, positive):
+    """Beck & Teboulle (2009): from a0 = 0 with step 1/L, ISTA satisfies
+    P(a_k) - P* <= L ||a*||^2 / (2k) and FISTA P(a_k) - P* <= 2 L ||a*||^2 / (k + 1)^2
+    (with backtracking, L replaced by eta * L, eta = 2). Averaged over samples, so are the means."""
+    X, D, alpha = problem_np(4, 8, 16, seed=19, scale=0.05, positive=positive)
+    A_star = sk_reference(X, D, alpha, positive)
+    p_star = ref_objective(X, D, A_star, alpha).mean()
+    r2 = np.mean(np.sum(A_star**2, axis=1))
+    L_true = float(np.linalg.eigvalsh(D @ D.T).max())
+    k = np.arange(1, 201)
+    slack = 1e-9 * p_star  # the reference is itself accurate to ~1e-13 relative
+    for solver, opts, bound in [
+        (ista, {}, lambda L: L * r2 / (2 * k)),
+        (fista, {}, lambda L: 2 * L * r2 / (k + 1) ** 2),
+        (fista, {"backtracking": True}, lambda L: 2 * (2 * L_true) * r2 / (k + 1) ** 2),
+    ]:
+        res = solver(asxp(xp, X), asxp(xp, D), alpha, tol=0.0, max_iter=200, positive=positive, history=True, **opts)
+        sub = res.history.objective - p_star
+        L = res.lipschitz if res.lipschitz is not None else L_true
+        assert np.all(sub <= bound(L) + slack), (solver.__name__, opts, np.max(sub - bound(L)))
+        assert sub[-1] < 1e-2 * sub[0]  # progress was made
+
+
+@pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
 @pytest.mark.parametrize("method", ["fista", "ista"])
 def test_warm_start_from_the_solution_converges_immediately(xp, method, positive):
     X, D, alpha = problem_np(5, 8, 12, seed=5, scale=0.25, positive=positive)
