@@ -275,6 +275,8 @@ def test_gram_and_explicit_gradients_give_the_same_iterates(xp, restart, positiv
     X, D, alpha = problem_np(4, 10, 14, seed=2, scale=0.1, positive=positive)
     Xx, Dx = asxp(xp, X), asxp(xp, D)
     opts = dict(tol=0.0, max_iter=40, positive=positive, restart=restart)
+    assert fista(Xx, Dx, alpha, gradient="gram", max_iter=1).info["gradient"] == "gram"
+    assert fista(Xx, Dx, alpha, gradient="explicit", max_iter=1).info["gradient"] == "explicit"
     gram = _iterates(fista, Xx, Dx, alpha, gradient="gram", **opts)
     expl = _iterates(fista, Xx, Dx, alpha, gradient="explicit", **opts)
     assert len(gram) == len(expl) == 40
@@ -585,6 +587,10 @@ def test_history_and_callback(xp):
     assert h.objective[-1] == pytest.approx(float(np.mean(npx(res.objective))), rel=1e-12)
     assert h.relative_gap[-1] == pytest.approx(float(np.max(npx(res.relative_gap))), rel=1e-9)
     assert fista(Xx, Dx, alpha, max_iter=5).history is None
+    # the progress bar is only a display: same codes
+    quiet = fista(Xx, Dx, alpha, tol=1e-9, max_iter=2000)
+    shown = fista(Xx, Dx, alpha, tol=1e-9, max_iter=2000, progress=True)
+    np.testing.assert_array_equal(npx(shown.codes), npx(quiet.codes))
     # a callback returning True stops the solver after that iteration
     calls = []
     stop = fista(Xx, Dx, alpha, callback=lambda it, A: calls.append(it) or True)
