@@ -848,14 +848,18 @@ def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, che
         resumed = _load_checkpoint(checkpoint)
 
     def convert(Xb):
-        if xp_target is not None and array_namespace(Xb) is not xp_target:
+        if xp_target is None:
+            return Xb
+        if isinstance(Xb, (list, tuple)):
+            Xb = np.asarray(Xb)
+        if hasattr(Xb, "__array_namespace__") and array_namespace(Xb) is not xp_target:
             Xb = xp_target.asarray(to_numpy(Xb))
         return Xb
 
     first = source.peek()
     if first is None:
         raise ValueError("the stream of batches is empty: nothing to learn from")
-    first = convert(_check_batch(first, None, None, None, "1"))
+    first = _check_batch(convert(first), None, None, None, "1")
     xp = array_namespace(first)
     D0 = _initial_dictionary(init, cfg["n_atoms"], first, np.random.default_rng([cfg["seed"], 3]), xp)
     learner = _Learner(cfg, xp, first.dtype, first.shape[1], D0, n_samples_total=n_samples_total)
@@ -890,7 +894,6 @@ def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, che
             return "max_time"
         return None
 
-    last_ckpt_t = learner.t if resumed is not None else None
     try:
         while learner.stop_reason is None:
             reason = budget_spent()
@@ -898,10 +901,11 @@ def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, che
                 learner.stop_reason = reason
                 break
             got_any = False
+            fresh_epoch = learner.pos == 0
             for idx, Xb in source.batches(learner.epoch, learner.pos):
                 got_any = True
                 where = str(learner.t + 1)
-                Xb = convert(_check_batch(Xb, n_features, dtype, None, where))
+                Xb = _check_batch(convert(Xb), n_features, dtype, None, where)
                 row = learner.step(Xb, idx, full_batch=full_batch)
                 if bar is not None:
                     bar.update(1)
@@ -922,19 +926,18 @@ def _run(source, cfg, *, n_epochs, max_batches, max_time, max_samples, init, che
                         learner.stop_reason = "callback"
                 if checkpoint is not None and (learner.t % checkpoint_every == 0 or learner.stop_reason):
                     _save_checkpoint(checkpoint, learner)
-                    last_ckpt_t = learner.t
                 if learner.stop_reason is not None:
                     break
             if learner.stop_reason is not None:
                 break
             # end of an epoch
             learner.epoch, learner.pos = learner.epoch + 1, 0
-            if not got_any or not source.restartable:
+            if (not got_any and fresh_epoch) or not source.restartable:
                 learner.stop_reason = "exhausted"
     finally:
         if bar is not None:
             bar.close()
-    if checkpoint is not None and last_ckpt_t != learner.t:
+    if checkpoint is not None:  # the final state (epoch counters, stop reason) is always kept
         _save_checkpoint(checkpoint, learner)
     return learner
 
@@ -1395,8 +1398,14 @@ class SparseEncoder(_TransformerMixin, _BaseEstimator):
         return self
 
     def partial_fit(self, X, y=None):
-        """Same as :meth:`fit` (the dictionary is fixed). Returns self."""
-        return self.fit(X, y)
+        """Same as :meth:`fit` (the dictionary is fixed); later calls check the width. Returns self."""
+        if not hasattr(self, "n_features_in_"):
+            return self.fit(X, y)
+        from sklearn.utils.validation import validate_data
+
+        self._check_params()
+        validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return self
 
     @property
     def n_components_(self):

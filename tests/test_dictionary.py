@@ -75,7 +75,6 @@ RECOVERY_CASES = [
     ("bcd", "fista", 512, 2),
     ("mod", "fista", 512, 2),
     ("bcd", "mp", 512, 3),
-    ("bcd", "iht", 512, 3),
 ]
 
 
@@ -92,6 +91,15 @@ def test_recovers_known_dictionary_numpy(big_problem, update, method, batch_size
     rec = atom_recovery(D_true, D, threshold=0.99)
     assert rec["fraction"] >= 0.95, (update, method, rec["mmcs"], rec["fraction"])
     assert res.n_batches == len(res.history["objective"]) == epochs * -(-20000 // batch_size)
+
+
+@pytest.mark.parametrize("update, method", [("ksvd", "fista"), ("bcd", "iht"), ("mod", "mp")])
+def test_recovers_smaller_problem_numpy(small_problem, update, method):
+    X, D_true, _ = small_problem
+    res = learn_dictionary_online(X, 40, update=update, method=method, n_nonzero=3, batch_size=500,
+                                  n_epochs=4, seed=0)
+    rec = atom_recovery(D_true, res.dictionary)
+    assert rec["fraction"] >= 0.95, (update, method, rec["mmcs"], rec["fraction"])
 
 
 @pytest.mark.parametrize("update", ["bcd", "mod", "ksvd"])
@@ -156,10 +164,13 @@ def test_batch_with_minibatches_warm_starts(small_problem):
     res = learn_dictionary(X, 40, batch_size=400, n_iter=6, seed=0)
     assert res.codes.shape == (4000, 40)
     assert atom_recovery(D_true, res.dictionary)["fraction"] >= 0.95
-    # the cached codes are those of the final dictionary up to one epoch of staleness:
-    # their reconstruction error is close to the noise level
-    R = X - res.codes @ res.dictionary
-    assert np.mean(np.sum(R * R, axis=1)) < 0.05 * np.mean(np.sum(X * X, axis=1))
+    # the cached codes (the warm starts) are those of the last epoch, rescaled to the final
+    # atoms: their Lasso objective is close to that of fresh, converged codes
+    from sparsecode.lasso import fista, lasso_objective
+
+    fresh = fista(X, res.dictionary, res.alpha, tol=1e-6, max_iter=2000)
+    cached = np.mean(lasso_objective(X, res.dictionary, res.codes, res.alpha))
+    assert np.mean(fresh.objective) <= cached <= 1.05 * np.mean(fresh.objective)
 
 
 def test_tol_stops_the_batch_version(small_problem):
@@ -265,7 +276,8 @@ def test_dead_atoms_are_resampled_into_the_data():
                                   n_epochs=1, dead_after=300, duplicate_threshold=None)
     assert res.n_resampled >= 4
     assert res.history["resampled"].sum() == res.n_resampled
-    assert res.history["dead"][2] == 0 and res.history["dead"].max() >= 4
+    dead = res.history["dead"]  # unused for 300 samples = 3 batches of 100
+    assert dead[:2].sum() == 0 and dead[2] >= 4 and dead[-10:].sum() == 0
     D = res.dictionary
     np.testing.assert_allclose(np.linalg.norm(D @ inside.T, axis=1), 1.0, atol=1e-6)
 
@@ -348,19 +360,21 @@ from sparsecode.datasets import make_sparse_signals
 from sparsecode.dictionary import learn_dictionary_online
 X, _, _ = make_sparse_signals(3000, 16, 24, 3, noise=0.01, seed=5)
 slow = float(sys.argv[2])
-res = learn_dictionary_online(X, 24, method="fista", batch_size=100, n_epochs=4, seed=3,
-                              checkpoint=sys.argv[1], checkpoint_every=1,
+res = learn_dictionary_online(X, 24, method=sys.argv[3], n_nonzero=3, batch_size=100, n_epochs=2, seed=3,
+                              checkpoint=sys.argv[1], checkpoint_every=2,
                               callback=lambda t, D, row: time.sleep(slow) and False)
 np.save(sys.argv[1] + ".final.npy", res.dictionary)
 """
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("method", ["fista"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, method):
     script = tmp_path / "learn.py"
     script.write_text(textwrap.dedent(_SCRIPT))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
     ckpt = tmp_path / "run.ckpt"
-    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), "0.05"], env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), "0.05", method], env=env)
     try:
         deadline = time.time() + 120
         while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -374,18 +388,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
             proc.kill()
     _, meta = _load_checkpoint(ckpt)
     t_killed = meta["t"]
-    assert 1 <= t_killed < 120, "the run was not interrupted mid-way"
+    assert 2 <= t_killed < 60, "the run was not interrupted mid-way"
     assert not (tmp_path / "run.ckpt.final.npy").exists()
     # resume in a fresh process to the end
-    subprocess.run([sys.executable, str(script), str(ckpt), "0"], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, str(script), str(ckpt), "0", method], env=env, check=True, timeout=300)
     resumed = np.load(str(ckpt) + ".final.npy")
     # uninterrupted run, in a fresh process too
     ckpt2 = tmp_path / "clean.ckpt"
-    subprocess.run([sys.executable, str(script), str(ckpt2), "0"], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, str(script), str(ckpt2), "0", method], env=env, check=True, timeout=300)
     clean = np.load(str(ckpt2) + ".final.npy")
     np.testing.assert_allclose(resumed, clean, atol=1e-10)
     arrays, meta = _load_checkpoint(ckpt)
-    assert meta["t"] == 120 and len(arrays["history_objective"]) == 120
+    assert meta["t"] == 60 and len(arrays["history_objective"]) == 60
     assert meta["stop_reason"] == "n_iter"
 
 
