@@ -512,8 +512,11 @@ class ActivationStore:
                     "float64 (convert with .astype(np.float32))"
                 )
             arr, ctx = _as_rows(arr, "source array")
-            if self.check_finite and not np.all(np.isfinite(arr)):
-                raise ValueError("source array contains NaN or Inf")
+            if self.check_finite:  # in slices, so the check needs no array-sized temporary
+                step = max(1, (1 << 22) // max(1, arr.shape[1]))
+                for a in range(0, arr.shape[0], step):
+                    if not np.isfinite(arr[a:a + step]).all():
+                        raise ValueError("source array contains NaN or Inf")
             meta = {}
             for kind, v in (("tokens", tokens), ("docs", docs), ("pos", pos)):
                 meta[kind] = None if v is None else np.asarray(v).reshape(-1)
