@@ -59,7 +59,6 @@ where ``gamma_i = 0``. A Numba kernel runs the same steps per sample on NumPy.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -95,10 +94,8 @@ def _check_bool(value, name):
     return bool(value)
 
 
-def _check_sparsity(n_nonzero, tol, n_features, *, required=False):
+def _check_sparsity(n_nonzero, tol, n_features):
     """Validate ``n_nonzero`` (int >= 1 or None) and ``tol`` (float >= 0 or None)."""
-    if required and n_nonzero is None:
-        raise TypeError("n_nonzero must be given (a whole number >= 1)")
     n_nonzero = check_scalar(n_nonzero, "n_nonzero", low=1, integer=True, allow_none=True)
     tol = check_scalar(tol, "tol", low=0, allow_none=True)
     if n_nonzero is None and tol is None:
