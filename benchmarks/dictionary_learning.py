@@ -111,7 +111,7 @@ def patches_experiment(out, quick, seed=0):
     from sklearn.feature_extraction.image import extract_patches_2d
 
     rng = np.random.default_rng(seed)
-    per_image = 4000 if quick else 25000
+    per_image = 2000 if quick else 25000
     patches = []
     for img in load_sample_images().images:
         grey = img.astype(np.float64).mean(axis=2) / 255.0
@@ -160,7 +160,7 @@ def main(argv=None):
 
     if args.quick:
         n, f, k, s = 3000, 20, 30, 3
-        max_epochs, max_time, sk_epochs = 3, 20.0, 1
+        max_epochs, max_time, sk_epochs = 2, 5.0, 1
     else:
         n, f, k, s = 20000, 64, 128, 5
         max_epochs, max_time, sk_epochs = 6, 40.0, 10
@@ -185,7 +185,7 @@ def main(argv=None):
             rows.append((name, first_time(tr, 0.95), first_time(tr, 1.0), tr[-1, 1], tr[-1, 2], tr[-1, 0]))
     if not args.no_sklearn:
         tr = trace_sklearn(X, D_true, k, alpha=alpha, batch_size=256, epochs=sk_epochs,
-                           max_time=60.0 if not args.quick else 10.0)
+                           max_time=60.0 if not args.quick else 3.0)
         name = "sklearn MiniBatchDictionaryLearning (batch 256)"
         traces[name] = tr
         rows.append((name, first_time(tr, 0.95), first_time(tr, 1.0), tr[-1, 1], tr[-1, 2], tr[-1, 0]))
