@@ -212,6 +212,7 @@ def collect_feature_stats(
     threshold: float = 0.0,
     dictionary=None,
     bias=None,
+    input_scale: float = 1.0,
     seed: int = 0,
     progress: bool = False,
 ) -> FeatureStats:
@@ -229,6 +230,8 @@ def collect_feature_stats(
     dictionary, bias : decoder rows (n_atoms, d_in) and decoder bias (d_in,); when the
         dictionary is given, the mean and standard deviation of the AFA ratio
         (:func:`sparsecode.metrics.afa_ratio`) over the rows are added to the metrics.
+    input_scale : rows are multiplied by it before the AFA ratio is taken (an SAE trained on
+        normalised activations keeps the constant as ``input_scale`` and reads raw rows).
     """
     from .metrics import FVUAccumulator, SparsityAccumulator, afa_ratio
 
@@ -237,6 +240,7 @@ def collect_feature_stats(
     batch_size = check_scalar(batch_size, "batch_size", low=1, integer=True)
     max_rows = check_scalar(max_rows, "max_rows", low=1, integer=True, allow_none=True)
     threshold = check_scalar(threshold, "threshold", low=0.0)
+    input_scale = check_scalar(input_scale, "input_scale", low=0.0, low_inclusive=False)
     if not callable(encode):
         raise TypeError("encode must be callable: X (n, d_in) -> codes (n, n_atoms)")
     rng = np.random.default_rng(seed)
@@ -264,7 +268,7 @@ def collect_feature_stats(
             raise ValueError(f"encode returned shape {An.shape} for a batch of {rows.shape[0]} rows")
         sp_acc.update(An)
         if dictionary is not None:
-            r = afa_ratio(np.asarray(to_numpy(X), np.float64), An, dictionary, bias=bias)
+            r = afa_ratio(np.asarray(to_numpy(X), np.float64) * input_scale, An, dictionary, bias=bias)
             r = r[np.isfinite(r)]
             afa_n, afa_s, afa_ss = afa_n + r.size, afa_s + float(r.sum()), afa_ss + float((r * r).sum())
         k = An.shape[1]

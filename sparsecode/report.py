@@ -321,7 +321,8 @@ def build_report(
     bias = to_numpy(getattr(model, "b_dec", None)) if hasattr(model, "W_dec") else None
     stats = collect_feature_stats(
         store, encode, decode, n_top=n_top, n_samples=n_samples, batch_size=batch_size,
-        max_rows=max_rows, dictionary=D, bias=bias, seed=seed, progress=progress,
+        max_rows=max_rows, dictionary=D, bias=bias, input_scale=float(getattr(model, "input_scale", 1.0) or 1.0),
+        seed=seed, progress=progress,
     )
     n_atoms = stats.n_atoms
     alive = np.flatnonzero(stats.counts > 0)

@@ -117,6 +117,9 @@ def test_stats_with_fvu_and_afa():
     # orthonormal atoms, exact codes: the AFA ratio is exactly 1 on rows that are not zero
     assert st.metrics["afa_ratio_mean"] == pytest.approx(1.0)
     assert st.metrics["afa_ratio_std"] == pytest.approx(0.0, abs=1e-6)
+    # raw rows of an SAE trained on normalised rows: the ratio is taken after input_scale
+    st = collect_feature_stats(X / 4.0, lambda Xb: 4.0 * Xb @ D.T, dictionary=D, input_scale=4.0)
+    assert st.metrics["afa_ratio_mean"] == pytest.approx(1.0)
 
 
 def test_stats_validation():
