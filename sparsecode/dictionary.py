@@ -41,6 +41,14 @@ With ``update="bcd"`` and a Lasso solver the batch version decreases the objecti
 round: the coding step is warm-started and keeps, per sample, the better of the old and new
 codes; each BCD step minimises exactly over one atom in the unit ball; and renormalising an
 atom of norm <= 1 while scaling its codes up keeps ``A @ D`` and does not raise the penalty.
+(Re-initialising a dead atom is harmless, its codes are zero; replacing a *used* near-duplicate
+atom, see ``duplicate_threshold``, may raise the objective once: pass
+``duplicate_threshold=None`` for the strict guarantee.)
+
+Duplicates: an atom whose ``|cos|`` with another exceeds ``duplicate_threshold`` (default
+0.95) is re-initialised like a dead atom (the less used of the pair). Online learning falls
+into such local minima (two atoms sharing one true direction while another direction is
+missing); replacing one of them from a badly reconstructed signal gets it out.
 
 Long runs: a tqdm bar (objective, L0, dead atoms), checkpoints every ``checkpoint_every``
 batches written atomically (temporary file, then ``os.replace``) with the dictionary, the
@@ -1011,6 +1019,8 @@ def learn_dictionary(
     tol : stopping tolerance (see above); None never stops early
     dead_after : samples without use after which an atom is re-initialised; None: one round
         in the batch version, ``max(10 * n_atoms, batch_size)`` with mini-batches
+    duplicate_threshold : float in (0, 1) or None; of two atoms with ``|cos|`` above it the
+        less used is re-initialised (None: never)
     ksvd_svd : "exact" (leading singular pair) or "power" (one power iteration)
     bcd_sweeps : BCD passes over the atoms per round; None: 10 (batch, stops when the atoms
         stop moving) or 1 (mini-batches)

@@ -123,6 +123,24 @@ def test_numpy_and_strict_take_the_same_steps(small_problem):
         np.testing.assert_allclose(np.asarray(b), a, atol=1e-8, err_msg=update)
 
 
+@pytest.mark.gpu
+def test_cupy_backend(small_problem):
+    from sparsecode.backend import cupy_available
+
+    if not cupy_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    import cupy as cp
+
+    X, D_true, _ = small_problem
+    for update in ("bcd", "mod", "ksvd"):
+        res = learn_dictionary_online(cp.asarray(X), 40, update=update, method="fista", batch_size=400,
+                                      n_epochs=6, seed=0)
+        assert isinstance(res.dictionary, cp.ndarray)
+        assert atom_recovery(D_true, res.dictionary)["fraction"] >= 0.95
+    res = learn_dictionary(cp.asarray(X[:1000]), 40, n_iter=3)
+    assert isinstance(res.codes, cp.ndarray)
+
+
 def test_float32_stays_float32(small_problem):
     X, D_true, _ = small_problem
     X32 = X.astype(np.float32)
@@ -137,7 +155,8 @@ def test_float32_stays_float32(small_problem):
 def test_batch_bcd_objective_decreases_every_round(small_problem):
     X, D_true, _ = small_problem
     X = X[:1500]
-    res = learn_dictionary(X, 40, update="bcd", method="fista", alpha=0.1, n_iter=15, tol=None, seed=0)
+    res = learn_dictionary(X, 40, update="bcd", method="fista", alpha=0.1, n_iter=15, tol=None, seed=0,
+                           duplicate_threshold=None)
     obj = res.history["objective"]
     assert len(obj) == 15
     assert np.all(np.diff(obj) <= 1e-10 * obj[:-1]), np.diff(obj)
