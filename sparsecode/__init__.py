@@ -25,6 +25,9 @@ _LAZY = {
     "DictionaryLearning": "sparsecode.dictionary",
     "SparseEncoder": "sparsecode.dictionary",
     "ActivationStore": "sparsecode.store",
+    "save_activations": "sparsecode.store",
+    "extract_activations": "sparsecode.extract",
+    "default_corpus": "sparsecode.extract",
     "SparseAutoencoder": "sparsecode.sae",
 }
 
