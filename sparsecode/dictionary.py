@@ -391,7 +391,8 @@ class _Learner:
         dead_np = (self.since_used >= dead_after) | ~to_numpy(ok).astype(bool)
         n_dead = int(dead_np.sum())
         to_reset = dead_np.copy()
-        if cfg["duplicate_threshold"] is not None:
+        every = 1 if cfg["n_atoms"] <= 1024 else cfg["n_atoms"] // 256
+        if cfg["duplicate_threshold"] is not None and (full_batch or self.t % every == 0):
             usage = to_numpy(xp.sum(xp.astype(Ab != 0, xp.int64), axis=0))
             to_reset |= _duplicates(D, usage, cfg["duplicate_threshold"], to_reset, xp)
         n_reset = int(to_reset.sum())
@@ -508,21 +509,32 @@ def _scatter_rows(M, idx, rows, xp):
     return xp.where(hit[:, None], gathered, M)
 
 
-def _duplicates(D, usage, threshold, already, xp):
-    """Atoms that nearly duplicate another (``|cos| > threshold``): of each such pair the one
-    used less in the batch is marked (unless its partner is already being reset)."""
-    C = np.abs(to_numpy(D @ D.T).astype(np.float64))
-    np.fill_diagonal(C, 0.0)
-    marked = np.zeros(C.shape[0], dtype=bool)
-    cand = np.flatnonzero(C.max(axis=1) > threshold)
-    if cand.shape[0] == 0:
-        return marked
+def _duplicates(D, usage, threshold, already, xp, block=1024):
+    """Atoms that nearly duplicate another (``|cos| > threshold``, unit atoms): of each such
+    pair the one used less in the batch is marked (unless its partner is already being reset).
+
+    ``D @ D.T`` is formed in row blocks of ``block`` atoms on the device; only the rows of
+    candidate atoms come back to the host (memory O(block * n_atoms))."""
+    k = D.shape[0]
+    partners = {}
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        C = xp.abs(D[start:stop, :] @ D.T)
+        # zero the diagonal of this block: entries (i, start + i)
+        eye = xp.astype(xp.arange(stop - start)[:, None] + start == xp.arange(k)[None, :], C.dtype)
+        C = C * (1 - eye)
+        hit = to_numpy(xp.max(C, axis=1) > threshold).astype(bool)
+        if hit.any():
+            C_np = to_numpy(C)
+            for i in np.flatnonzero(hit):
+                partners[start + int(i)] = np.flatnonzero(C_np[i] > threshold)
+    marked = np.zeros(k, dtype=bool)
     # visit the least used first: each gives way to a partner that stays
-    for j in sorted(cand.tolist(), key=lambda j: (usage[j], -j)):
+    for j in sorted(partners, key=lambda j: (usage[j], -j)):
         if already[j] or marked[j]:
             continue
-        partners = np.flatnonzero(C[j] > threshold)
-        if np.any(~(already[partners] | marked[partners])):
+        p = partners[j]
+        if np.any(~(already[p] | marked[p])):
             marked[j] = True
     return marked
 
@@ -1020,7 +1032,8 @@ def learn_dictionary(
     dead_after : samples without use after which an atom is re-initialised; None: one round
         in the batch version, ``max(10 * n_atoms, batch_size)`` with mini-batches
     duplicate_threshold : float in (0, 1) or None; of two atoms with ``|cos|`` above it the
-        less used is re-initialised (None: never)
+        less used is re-initialised (None: never). Checked every batch up to 1024 atoms,
+        every ``n_atoms // 256`` batches above (the check costs ``n_atoms**2 * n_features``)
     ksvd_svd : "exact" (leading singular pair) or "power" (one power iteration)
     bcd_sweeps : BCD passes over the atoms per round; None: 10 (batch, stops when the atoms
         stop moving) or 1 (mini-batches)
