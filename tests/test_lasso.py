@@ -389,6 +389,10 @@ def test_solver_properties(xp, n, f, k, dtype, mode, positive, method, single, s
     rtol = 1e-3 if dtype == "float32" else 1e-10
     A64 = np.atleast_2d(A).astype(np.float64)
     np.testing.assert_allclose(obj, ref_objective(X, D, A64, alpha), rtol=rtol, atol=rtol * 1e-3)
+    # the reported gap is the certificate of the returned codes (up to rounding of size eps * P)
+    scale = ref_objective(X, D, A64, alpha) + 0.5 * np.sum(np.atleast_2d(X).astype(np.float64) ** 2, axis=1)
+    g_ref = np.maximum(ref_gap(X, D, A64, alpha, positive), 0.0)
+    assert np.all(np.abs(np.atleast_1d(gap) - g_ref) <= (1e-4 if dtype == "float32" else 1e-11) * scale)
     if dtype == "float64" and conv.any():
         viol = kkt_violation(X, D, A64, alpha, positive)
         assert np.all(viol[conv] <= kkt_tolerance(D, gap, alpha, obj)[conv])
