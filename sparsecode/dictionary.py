@@ -495,8 +495,6 @@ def _scatter_rows(M, idx, rows, xp):
         M[idx, ...] = rows
         return M
     n = M.shape[0]
-    mask = xp.zeros((n,), dtype=xp.bool, device=_device(M))
-    pos = xp.full((n,), -1, dtype=xp.int64, device=_device(M))
     # place row r of `rows` at idx[r]: sort idx and use searchsorted to map every row of M
     order = xp.argsort(idx)
     sidx = xp.take(idx, order)
@@ -505,7 +503,6 @@ def _scatter_rows(M, idx, rows, xp):
     hit = xp.take(sidx, j) == xp.arange(n, dtype=sidx.dtype)
     src = xp.take(order, j)
     gathered = xp.take(rows, src, axis=0)
-    del mask, pos
     return xp.where(hit[:, None], gathered, M)
 
 

@@ -192,6 +192,27 @@ def test_batch_with_minibatches_warm_starts(small_problem):
     assert np.mean(fresh.objective) <= cached <= 1.05 * np.mean(fresh.objective)
 
 
+def test_minibatch_warm_start_cache_portable(small_problem):
+    """The code cache (scatter of a batch's codes into all samples' codes) is the same with the
+    portable scatter (array-api-strict) as with NumPy's indexed assignment."""
+    from sparsecode.dictionary import _scatter_rows
+
+    M = np.zeros((7, 3))
+    rows = np.arange(9.0).reshape(3, 3) + 1
+    idx = np.array([5, 0, 3])
+    expect = M.copy()
+    expect[idx] = rows
+    np.testing.assert_array_equal(_scatter_rows(M.copy(), idx, rows, np), expect)
+    got = _scatter_rows(xps.asarray(M), xps.asarray(idx), xps.asarray(rows), xps)
+    np.testing.assert_array_equal(np.asarray(got), expect)
+    X, _, _ = small_problem
+    kw = dict(batch_size=250, n_iter=2, alpha=0.3, seed=0)
+    a = learn_dictionary(X[:1000], 40, **kw)
+    b = learn_dictionary(xps.asarray(X[:1000]), 40, **kw)
+    np.testing.assert_allclose(np.asarray(b.codes), a.codes, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(b.dictionary), a.dictionary, atol=1e-6)
+
+
 def test_tol_stops_the_batch_version(small_problem):
     X, _, _ = small_problem
     res = learn_dictionary(X[:800], 40, method="omp", n_nonzero=3, n_iter=200, tol=1e-3)
