@@ -75,13 +75,20 @@ def load_data(args):
         if folder is not None:
             from sparsecode.store import ActivationStore
 
-            store = ActivationStore(folder, normalize=True, holdout_fraction=0.1, seed=0)
-            hold = np.concatenate(list(store.iter_batches(4096, shuffle=False, split="holdout")))
-            # raw activations: a trained SAE applies the store's normalisation itself (input_scale)
-            hold = hold / np.float32(store.norm_scale)
-            desc = (f"SmolLM2 activations: {folder} ({man.get('layer')}, {store.n_rows} tokens, "
-                    f"d_in={store.d_in}, normalised by {store.norm_scale:.4g})")
-            return store, hold[: args.eval_rows], store.d_in, desc
+            store = ActivationStore(folder)
+            X = store.to_numpy("all")
+            n_all = len(X)
+            if store.has_tokens:
+                # the first position of every context window is the attention sink: its norm is
+                # ~100x the others' and would dominate any variance-based metric
+                pos = np.array([store.row_tokens(i)[1] for i in range(n_all)])
+                X = X[pos > 0]
+            n_hold = max(len(X) // 10, 1)
+            train, hold = X[:-n_hold], X[-n_hold:]  # held-out rows: the last documents
+            scale = np.float32(np.sqrt(X.shape[1] / np.mean(np.sum(train.astype(np.float64) ** 2, axis=1))))
+            desc = (f"SmolLM2 activations: {os.path.relpath(folder)} ({man.get('layer')}, {n_all} tokens, "
+                    f"{len(X)} after dropping window-start rows, d_in={X.shape[1]}, normalised to E||x||^2=d_in)")
+            return train * scale, (hold * scale)[: args.eval_rows], X.shape[1], desc
     from sparsecode.datasets import make_sparse_signals
 
     d = 576 if not args.quick else 64
@@ -189,9 +196,11 @@ def levels(arch, quick):
     if arch in K_ARCHITECTURES:
         out = [{"k": 8}, {"k": 32}]
     elif arch in ("relu", "relu_april", "lista"):
-        out = [{"l1_coefficient": 1.0}, {"l1_coefficient": 0.25}]
+        out = [{"l1_coefficient": 5.0}, {"l1_coefficient": 2.0}]
     elif arch == "jumprelu":
-        out = [{"l1_coefficient": 0.5}, {"l1_coefficient": 0.1}]
+        # short runs barely move log-thresholds (Adam steps ~lr): the level is set by the start
+        # (pre-activations are ~N(0, 1) at initialisation on normalised inputs)
+        out = [{"l1_coefficient": 1.0, "initial_threshold": 2.5}, {"l1_coefficient": 0.3, "initial_threshold": 1.5}]
     else:  # topafa chooses its own L0
         out = [{}]
     return out[-1:] if quick else out
@@ -208,7 +217,7 @@ def part_quality(args, src, hold, d_in):
         for lv in levels(arch, args.quick):
             kw = dict(lv)
             if arch == "jumprelu":
-                kw.update(bandwidth=0.05, initial_threshold=0.1)
+                kw.update(bandwidth=0.05)
             t = time.perf_counter()
             sae, log = train_sae(src, d_sae, arch, n_steps=args.quality_steps, batch_size=args.quality_batch,
                                  lr=args.lr, seed=0, **{"k": 32, **kw})
@@ -221,7 +230,7 @@ def part_quality(args, src, hold, d_in):
             row = {"encoder": arch, "setting": kw_str(lv), "fvu": fvu, "l0": l0, "dead_on_holdout": dead,
                    "train_s": t_train}
             try:
-                g = amortization_gap(sae, hold[: args.gap_rows], max_iter=1000, tol=1e-6)
+                g = amortization_gap(sae, hold[: args.gap_rows], max_iter=300, tol=1e-5)
                 row.update(solver=g["method"], solver_fvu=g["solver_fvu"], solver_l0=g["solver_l0"],
                            objective_gap=g["objective_gap"], relative_gap=g["relative_gap"])
                 if g["method"] == "omp":  # IHT warm-started from the SAE's codes: never worse than them
@@ -239,7 +248,8 @@ def part_quality(args, src, hold, d_in):
 
 
 def kw_str(lv):
-    return ",".join(f"{'lam' if k == 'l1_coefficient' else k}={v}" for k, v in lv.items()) or "(adaptive)"
+    short = {"l1_coefficient": "lam", "initial_threshold": "th0"}
+    return ",".join(f"{short.get(k, k)}={v}" for k, v in lv.items()) or "(adaptive)"
 
 
 def plot(results, path, data_desc):
@@ -282,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--quality-batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-rows", type=int, default=2048)
-    ap.add_argument("--gap-rows", type=int, default=256)
+    ap.add_argument("--gap-rows", type=int, default=200)
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--encoders", default=",".join(ARCHITECTURES), help="comma-separated subset")
@@ -295,7 +305,7 @@ def main(argv=None):
     if args.time_steps is None:
         args.time_steps = 2 if args.quick else 3
     if args.quality_steps is None:
-        args.quality_steps = 15 if args.quick else 100
+        args.quality_steps = 15 if args.quick else 80
     if args.synthetic_rows is None:
         args.synthetic_rows = 3000 if args.quick else 30000
     if args.quick:
@@ -308,7 +318,7 @@ def main(argv=None):
     print("data:", desc)
     thr = []
     if not args.skip_throughput:
-        X = src if isinstance(src, np.ndarray) else hold * np.float32(src.norm_scale)  # training units
+        X = src
         thr = part_throughput(args, np.asarray(X))
     qual = [] if args.skip_quality else part_quality(args, src, hold, d_in)
     png = os.path.join(args.out, "sae_frontier.png" if not args.quick else "sae_frontier_quick.png")
