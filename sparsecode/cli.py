@@ -18,6 +18,7 @@ COMMANDS = {
     "extract": ("sparsecode.extract", "extract a transformer layer's activations to shards (resumable)"),
     "train": ("sparsecode.sae_train", "train a sparse autoencoder on an activation store and save it (SAELens layout)"),
     "encode": ("sparsecode.sae", "encode an activation store with a saved SAE or a solver on a dictionary"),
+    "learn": ("sparsecode.dictionary", "learn a dictionary (online BCD/MOD/K-SVD) on an activation store or a .npy"),
 }
 
 

@@ -1466,3 +1466,53 @@ class SparseEncoder(_TransformerMixin, _BaseEstimator):
         tags.requires_fit = False
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
+
+
+# --------------------------------------------------------------------------- command line
+def configure_parser(parser):
+    """``sparsecode learn``: fit a dictionary on exported activations (a store folder or .npy)."""
+    parser.add_argument("source", help="an extraction folder (ActivationStore) or a .npy file (memory-mapped)")
+    parser.add_argument("--atoms", type=int, required=True, help="number of atoms")
+    parser.add_argument("--out", required=True, help="output .npy for the dictionary (n_atoms, n_features)")
+    parser.add_argument("--method", default="fista", choices=METHODS)
+    parser.add_argument("--update", default="bcd", choices=UPDATES)
+    parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--n-nonzero", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-time", type=float, default=None, help="seconds")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file (resumed when it exists)")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="batches")
+    parser.add_argument("--normalize", action="store_true", help="let the store normalise activations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args) -> int:
+    src = args.source
+    if os.path.isdir(src):
+        from .store import ActivationStore
+
+        data = ActivationStore(src, normalize=args.normalize)
+    else:
+        data = src
+    res = learn_dictionary_online(
+        data, args.atoms, method=args.method, update=args.update, alpha=args.alpha,
+        n_nonzero=args.n_nonzero, batch_size=args.batch_size, n_epochs=args.epochs,
+        max_time=args.max_time, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, seed=args.seed,
+    )
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    np.save(out, to_numpy(res.dictionary))
+    h = res.history
+    summary = {"dictionary": out, "n_atoms": args.atoms, "method": res.method, "update": res.update,
+               "alpha": res.alpha, "n_nonzero": res.n_nonzero, "n_batches": res.n_batches,
+               "n_samples_seen": res.n_samples_seen, "n_resampled": res.n_resampled,
+               "stop_reason": res.stop_reason, "final_rel_error": float(h["rel_error"][-1]),
+               "final_l0": float(h["l0"][-1])}
+    with open(out[:-4] + ".json", "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(json.dumps(summary, indent=1))
+    return 0

@@ -611,3 +611,22 @@ def test_benchmark_quick_runs(tmp_path):
     assert "MMCS" in out.stdout
     assert (tmp_path / "dictionary_learning_mmcs.png").exists()
     assert (tmp_path / "dictionary_learning_patches.png").exists()
+
+
+# --------------------------------------------------------------------------- command line
+def test_cli_learn(tmp_path, small_problem):
+    import json
+
+    from sparsecode.cli import main
+
+    X, D_true, _ = small_problem
+    np.save(tmp_path / "acts.npy", X)
+    rc = main(["learn", str(tmp_path / "acts.npy"), "--atoms", "40", "--out", str(tmp_path / "dict.npy"),
+               "--method", "omp", "--n-nonzero", "3", "--batch-size", "400", "--epochs", "3", "--no-progress",
+               "--checkpoint", str(tmp_path / "ck.npz")])
+    assert rc == 0
+    D = np.load(tmp_path / "dict.npy")
+    assert D.shape == (40, 32)
+    assert atom_recovery(D_true, D)["fraction"] >= 0.95
+    summary = json.loads((tmp_path / "dict.json").read_text())
+    assert summary["n_batches"] == 30 and summary["stop_reason"] == "n_iter"
