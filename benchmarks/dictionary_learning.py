@@ -82,6 +82,9 @@ def trace_sklearn(X, D_true, n_atoms, *, alpha, batch_size, epochs, max_time, se
     return np.asarray(trace)
 
 
+SPAMS_THREADS = -1  # all cores unless --threads is given
+
+
 def trace_spams(X, D_true, n_atoms, *, alpha, batch_size, iters, seed=0):
     """SPAMS trainDL (online BCD with LARS coding, Mairal et al.), one fresh run per budget of
     ``iters`` mini-batches (SPAMS cannot be stopped and resumed cheaply from Python)."""
@@ -93,7 +96,7 @@ def trace_spams(X, D_true, n_atoms, *, alpha, batch_size, iters, seed=0):
         np.random.seed(seed)
         t0 = time.perf_counter()
         D = spams.trainDL(Xf, K=n_atoms, lambda1=alpha, iter=it, batchsize=batch_size, mode=2,
-                          verbose=False, numThreads=-1)
+                          verbose=False, numThreads=SPAMS_THREADS)
         el = time.perf_counter() - t0
         r = atom_recovery(D_true, np.asarray(D).T)
         trace.append((el, r["mmcs"], r["fraction"]))
@@ -158,8 +161,24 @@ def main(argv=None):
     ap.add_argument("--out", default="results", help="folder for the PNGs and JSON")
     ap.add_argument("--no-sklearn", action="store_true")
     ap.add_argument("--no-spams", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="limit BLAS/OpenMP/Numba threads of every learner (SPAMS included); default: "
+                         "leave them as they are. On a shared, oversubscribed machine --threads 1 "
+                         "avoids the multi-threaded kernels waiting for CPU slices")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    global SPAMS_THREADS
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+        SPAMS_THREADS = args.threads
 
     if args.quick:
         n, f, k, s = 3000, 20, 30, 3
@@ -204,7 +223,8 @@ def main(argv=None):
         except ImportError:
             print("SPAMS not installed (pip install spams-bin): skipped")
 
-    print(f"\nproblem: {n} signals, {f} features, {k} atoms, {s} non-zeros, noise 0.01; alpha={alpha:.3f}")
+    print(f"\nproblem: {n} signals, {f} features, {k} atoms, {s} non-zeros, noise 0.01; alpha={alpha:.3f}; "
+          f"threads={'default' if args.threads is None else args.threads}")
     print(f"{'learner':<52}{'t(95%) s':>10}{'t(100%) s':>11}{'MMCS':>8}{'recovered':>11}{'time s':>9}")
     for name, t95, t100, mm, fr, tt in rows:
         print(f"{name:<52}{t95:>10.2f}{t100:>11.2f}{mm:>8.4f}{fr:>10.1%}{tt:>9.2f}")
