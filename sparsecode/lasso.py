@@ -115,6 +115,9 @@ def _alpha_array(alpha, D, xp, name="alpha"):
         if not np.isfinite(a) or a < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {alpha!r}")
         return a
+    if hasattr(alpha, "__array_namespace__") and not isinstance(alpha, np.ndarray):
+        # NumPy arrays are plain data like lists; other libraries must match the problem's
+        array_namespace(D, alpha, names=("D", name))
     a_np = to_numpy(alpha) if hasattr(alpha, "__array_namespace__") else np.asarray(alpha)
     if a_np.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a number or an array of numbers, got dtype {a_np.dtype}")
@@ -206,7 +209,9 @@ def _relative(gap, primal, xp):
 def _check_codes(A, X2, D, xp, name):
     if A is None:
         return None
-    if not hasattr(A, "__array_namespace__") and not isinstance(A, (list, tuple)):
+    if isinstance(A, (list, tuple)):
+        A = asarray_like(np.asarray(A, dtype=np.float64 if X2.dtype == xp.float64 else np.float32), X2)
+    if not hasattr(A, "__array_namespace__"):
         raise TypeError(f"{name} must be an array of shape ({X2.shape[0]}, {D.shape[0]})")
     array_namespace(X2, A, names=("X", name))
     A = check_array(A, name, ndim=(1, 2), xp=xp, dtype_like=X2)
@@ -510,8 +515,12 @@ def _proximal_gradient(
     hist_obj = None
     if history:
         hist_obj = ConvergenceHistory(**{key: np.asarray(v) for key, v in hist.items()})
-    if single:
+    if single:  # one 1-D signal: 1-D codes and 0-D per-sample statistics
+        # (v[0, ...] keeps a 0-D array where NumPy's v[0] would give a NumPy scalar)
         codes = codes[0, :]
+        n_it, converged, primal, gap, rel = (v[0, ...] for v in (n_it, converged, primal, gap, rel))
+        if backtracking:
+            L_ps = L_ps[0, ...]
     return SparseCodingResult(
         codes=codes,
         n_iter=n_it,
@@ -529,6 +538,7 @@ def _proximal_gradient(
 
 
 _GRAM_MAX_BYTES = 1 << 30  # above this the Gram matrix costs more memory than it saves
+_PARALLEL_MIN_WORK = 1 << 22  # n * k^2 below which the serial kernel wins (thread wake-up)
 _SPARSE_KERNEL_MAX_DENSITY = 0.3  # measured: above ~30% non-zeros dense BLAS wins
 
 
@@ -539,8 +549,10 @@ def _density(Y, xp):
 @register_kernel("lasso_prox_grad_gram", "numpy")
 def _prox_grad_gram_numpy(Y, G, C, L, thr, positive, A_prev=None):
     """Kernel step; with ``A_prev`` also returns the per-row restart test ``(y-z).(z-a)``."""
-    from ._lasso_numba import prox_grad_gram
+    from ._lasso_numba import prox_grad_gram, prox_grad_gram_serial
 
+    if Y.size * Y.shape[1] < _PARALLEL_MIN_WORK:
+        prox_grad_gram = prox_grad_gram_serial
     Y = np.ascontiguousarray(Y)
     C = np.ascontiguousarray(C)
     Z = np.empty_like(Y)
@@ -554,8 +566,10 @@ def _prox_grad_gram_numpy(Y, G, C, L, thr, positive, A_prev=None):
 
 @register_kernel("lasso_sparse_times_gram", "numpy")
 def _sparse_times_gram_numpy(A, G):
-    from ._lasso_numba import sparse_times_gram
+    from ._lasso_numba import sparse_times_gram, sparse_times_gram_serial
 
+    if A.size * A.shape[1] < _PARALLEL_MIN_WORK:
+        sparse_times_gram = sparse_times_gram_serial
     A = np.ascontiguousarray(A)
     return sparse_times_gram(A, G, np.empty(A.shape, dtype=np.float64))
 

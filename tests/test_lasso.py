@@ -822,3 +822,27 @@ def test_bad_options_are_refused(xp, method):
         with pytest.raises(exc, match=pattern):
             solver(X, D, 0.1, **opts)
             pytest.fail(f"{method} accepted {opts}")
+
+
+def test_single_signal_gives_zero_dimensional_statistics(xp):
+    """A 1-D signal gives 1-D codes and 0-D objective/gap/n_iter/converged, like lasso_objective."""
+    X, D, alpha = problem_np(1, 6, 9, seed=21)
+    x = asxp(xp, X[0])
+    res = fista(x, asxp(xp, D), alpha, tol=1e-10, max_iter=5000, restart="gradient")
+    assert tuple(res.codes.shape) == (9,)
+    for v in (res.objective, res.gap, res.relative_gap, res.n_iter, res.converged):
+        assert tuple(v.shape) == ()
+    np.testing.assert_allclose(float(res.objective), float(lasso_objective(x, asxp(xp, D), res.codes, alpha)), rtol=1e-12)
+
+
+def test_init_as_list_and_foreign_alpha(xp):
+    X, D, alpha = problem_np(2, 5, 7, seed=22)
+    Xx, Dx = asxp(xp, X), asxp(xp, D)
+    res = fista(Xx, Dx, alpha, init=[[0.0] * 7, [0.0] * 7], tol=1e-9)
+    np.testing.assert_allclose(npx(res.codes), npx(fista(Xx, Dx, alpha, tol=1e-9).codes), atol=1e-12)
+    # a NumPy weight vector is plain data; an array of another library is refused by name
+    w = np.full(7, alpha)
+    np.testing.assert_allclose(npx(fista(Xx, Dx, w, tol=1e-9).codes), npx(res.codes), atol=1e-9)
+    if xp.__name__ == "numpy" or "numpy" in xp.__name__:
+        with pytest.raises(TypeError, match="alpha"):
+            fista(Xx, Dx, xs.asarray(w))
