@@ -501,7 +501,8 @@ def _lens_html(lens, pos, vocab) -> str:
 
 # --------------------------------------------------------------------------- command line
 def configure_parser(parser) -> None:
-    parser.add_argument("store", help="an extraction folder (manifest.json), or a .npy file of activations")
+    parser.add_argument("store", help="an extraction folder (manifest.json), or a .npy/.npz/.safetensors file "
+                        "of activations (memory-mapped)")
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--sae", help="an SAE folder (cfg.json + sae_weights.safetensors)")
     g.add_argument("--dictionary", help="a .npy file (or .npz with a 'dictionary' array) of shape (n_atoms, d_in)")
@@ -510,7 +511,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="Lasso penalty for fista/ista")
     parser.add_argument("--n-nonzero", type=int, default=None, help="atoms per code for omp/mp/iht")
     parser.add_argument("--positive", action="store_true", help="non-negative codes")
-    parser.add_argument("--normalize", action="store_true", help="read the store with its normalisation (as when trained)")
+    parser.add_argument("--normalize", action="store_true", help="scale the rows as the store's normalisation does: for a dictionary learned on "
+                        "normalised rows (an SAE reads raw rows: it keeps the scale as input_scale)")
     parser.add_argument("--max-features", type=int, default=100, help="feature pages to write")
     parser.add_argument("--max-rows", type=int, default=None, help="rows of the store to read")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -530,13 +532,9 @@ def _load_dictionary(path):
 
 def run_cli(args) -> int:
     try:
-        if Path(args.store).suffix == ".npy":
-            store = np.load(args.store, mmap_mode="r")
-            store = np.asarray(store, dtype=np.float32)
-        else:
-            from .store import ActivationStore
+        from .store import ActivationStore
 
-            store = ActivationStore(args.store, normalize=args.normalize)
+        store = ActivationStore(args.store, normalize=args.normalize)
         options = {}
         if args.sae:
             from .sae import SparseAutoencoder
