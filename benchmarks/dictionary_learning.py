@@ -215,7 +215,7 @@ def main(argv=None):
         try:
             import spams  # noqa: F401
 
-            iters = [10, 20] if args.quick else [20, 40, 80, 160, 320]
+            iters = [10, 20] if args.quick else [20, 40, 80, 160, 320, 640, 1280]
             tr = trace_spams(X, D_true, k, alpha=alpha, batch_size=512, iters=iters)
             name = "SPAMS trainDL (batch 512)"
             traces[name] = tr
