@@ -126,7 +126,7 @@ def patches_experiment(out, quick, seed=0):
     P = P / P.std()
     n_atoms = 64 if quick else 144
     # a sparser code than the default alpha (1.2/sqrt(64) * mean norm) gives cleaner edges
-    alpha = 0.3 * float(np.mean(np.linalg.norm(P, axis=1)))
+    alpha = 0.5 * float(np.mean(np.linalg.norm(P, axis=1)))
     t0 = time.perf_counter()
     res = learn_dictionary_online(P, n_atoms, method="fista", update="bcd", alpha=alpha, batch_size=512,
                                   n_epochs=1 if quick else 3, seed=seed)
