@@ -29,6 +29,8 @@ _LAZY = {
     "extract_activations": "sparsecode.extract",
     "default_corpus": "sparsecode.extract",
     "SparseAutoencoder": "sparsecode.sae",
+    "amortization_gap": "sparsecode.sae",
+    "train_sae": "sparsecode.sae_train",
 }
 
 
