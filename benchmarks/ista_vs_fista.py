@@ -133,7 +133,10 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     size = dict(n_samples=200, n_features=64, n_atoms=256) if args.quick else {}
-    max_iter = args.max_iter or (300 if args.quick else 2000)
+    # ISTA needs many iterations to show its O(1/k); the FISTA variants reach 1e-9 well before
+    # their cap on the well-conditioned problem, and the cap shows where they stand otherwise
+    max_iter = args.max_iter or (300 if args.quick else 400)
+    ista_iter = 2 * max_iter
     dtypes = ["float64", "float32"] if args.dtype == "both" else [args.dtype]
     rows = []
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
@@ -146,10 +149,10 @@ def main(argv=None):
         # high-accuracy reference from a long restarted FISTA run
         ref = fista(X64, D64, alpha, tol=1e-15, max_iter=20 * max_iter, restart="gradient")
         curves = {}
-        for dt in dtypes:
+        for dt in (dtypes if kind == "well" else ["float64"]):
             X, D = X64.astype(dt), D64.astype(dt)
             solvers = [
-                ("ISTA", lambda: ista(X, D, alpha, tol=0.0, max_iter=max_iter, history=True)),
+                ("ISTA", lambda: ista(X, D, alpha, tol=0.0, max_iter=ista_iter, history=True)),
                 ("FISTA", lambda: fista(X, D, alpha, tol=0.0, max_iter=max_iter, history=True)),
                 ("FISTA restart=gradient", lambda: fista(X, D, alpha, tol=0.0, max_iter=max_iter, history=True, restart="gradient")),
                 ("FISTA restart=function", lambda: fista(X, D, alpha, tol=0.0, max_iter=max_iter, history=True, restart="function")),
@@ -186,7 +189,7 @@ def main(argv=None):
             axes[pi, 1].loglog([sec], [sub], "k*" if "lars" in label.lower() else "ko")
             axes[pi, 1].annotate(label.replace("sklearn ", ""), (sec, sub), fontsize=7)
         # certified runs: what a user who wants the answer gets (stopping on the duality gap)
-        for dt in dtypes:
+        for dt in (dtypes if kind == "well" else ["float64"]):
             X, D = X64.astype(dt), D64.astype(dt)
             for name, kw in (("FISTA restart=gradient, tol=1e-6", dict(restart="gradient")),
                              ("FISTA, tol=1e-6", {})):
@@ -201,7 +204,7 @@ def main(argv=None):
                                  final=(F - F_best) / F_best, wall=sec,
                                  conv=f"{int(np.sum(res.converged))}/{len(res.converged)}",
                                  iters=int(np.max(res.n_iter))))
-        k = np.arange(1, max_iter + 1, dtype=float)
+        k = np.arange(1, ista_iter + 1, dtype=float)
         for ax, title in ((axes[pi, 0], "iterations"), (axes[pi, 1], "seconds")):
             ax.set_title(f"{kind}-conditioned: suboptimality vs {title}")
             ax.set_xlabel(title)

@@ -358,6 +358,18 @@ def _proximal_gradient(
     if gap_kernel is not None and G_cert is not None and G_cert.dtype != G.dtype and k * k * 8 > _GRAM_MAX_BYTES // 2:
         gap_kernel = None  # a second, float64 Gram matrix would not fit: certify explicitly
     x2a = xp.sum(xp.astype(X, xp.float64) ** 2, axis=1) if gap_kernel is not None else None
+    x2_all = x2a
+
+    def certify(X_, XDt_, x2_, A_):
+        """Per-sample (primal, gap) in the problem dtype, by the cheapest exact route."""
+        if gap_kernel is not None and not dense_iterates:
+            # float64 Gram for the certificate: the float32 one is ~1e-7 off per entry,
+            # which would blur the gap at 1e-6
+            p, g = _primal_dual_gram(XDt_, gap_kernel(A_, G_cert), A_, x2_, alpha, positive, xp)
+            if dtype != xp.float64:
+                p, g = xp.astype(p, dtype), xp.astype(g, dtype)
+            return p, g
+        return _primal_dual(X_, D, A_, alpha, positive, xp)
     # step and threshold both divided by L in the problem dtype: at alpha = alpha_max the
     # largest correlation then sits exactly on the threshold and its code is exactly zero
     L_arr = xp.asarray(L, dtype=dtype, device=_device(X))
@@ -454,7 +466,7 @@ def _proximal_gradient(
         elapsed += time.perf_counter() - t0
 
         if history:
-            _record(hist, it, elapsed, X, D, alpha, positive, xp, done_idx, done_A, idx, Aa)
+            _record(hist, it, elapsed, lambda A_: certify(X, XDt, x2_all, A_), xp, done_idx, done_A, idx, Aa)
 
         stop_user = False
         if callback is not None:
@@ -462,14 +474,7 @@ def _proximal_gradient(
 
         if it % check_every == 0 or it == max_iter or stop_user:
             t0 = time.perf_counter()
-            if gap_kernel is not None and not dense_iterates:
-                # the certificate uses the float64 Gram matrix: the float32 one is ~1e-7 off per
-                # entry, which would blur the gap at 1e-6
-                primal, gap = _primal_dual_gram(XDta, gap_kernel(Aa, G_cert), Aa, x2a, alpha, positive, xp)
-                if dtype != xp.float64:
-                    primal, gap = xp.astype(primal, dtype), xp.astype(gap, dtype)
-            else:
-                primal, gap = _primal_dual(Xa, D, Aa, alpha, positive, xp)
+            primal, gap = certify(Xa, XDta, x2a, Aa)
             conv = _relative(gap, primal, xp) <= tol
             if kernel is not None:
                 dense_iterates = _density(Ya, xp) > _SPARSE_KERNEL_MAX_DENSITY
@@ -610,7 +615,7 @@ def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):
     return Z, La
 
 
-def _record(hist, it, elapsed, X, D, alpha, positive, xp, done_idx, done_A, idx, Aa):
+def _record(hist, it, elapsed, certify, xp, done_idx, done_A, idx, Aa):
     """Append the objective/gap of *all* samples (finished ones at their final codes)."""
     parts_A = done_A + [Aa]
     parts_i = done_idx + [idx]
@@ -618,7 +623,7 @@ def _record(hist, it, elapsed, X, D, alpha, positive, xp, done_idx, done_A, idx,
     order = xp.argsort(xp.concat(parts_i)) if len(parts_i) > 1 else None
     if order is not None:
         codes = xp.take(codes, order, axis=0)
-    primal, gap = _primal_dual(X, D, codes, alpha, positive, xp)
+    primal, gap = certify(codes)
     hist["iteration"].append(it)
     hist["objective"].append(float(xp.mean(primal)))
     hist["gap"].append(float(xp.mean(gap)))
