@@ -28,6 +28,7 @@ def _check_outputs(out: Path, printed: str, *, lm: bool):
     assert conv["FISTA"]["final_objective"] <= conv["ISTA"]["final_objective"] + 1e-9
     assert (out / "convergence.png").stat().st_size > 5_000
     np.testing.assert_equal(np.load(out / "dictionary.npy").shape[0], 128)
+    assert summary["metrics"]["sae"]["l0"] <= (16 if lm else 8) + 1e-9
     assert (out / "sae" / "cfg.json").exists() and (out / "sae" / "sae_weights.safetensors").exists()
     for name in ("sae", "dictionary"):
         index = Path(summary["browsers"][name])
