@@ -399,14 +399,14 @@ def run_demo(out="sparsecode-demo", *, tokens: int | None = None, quick: bool = 
                  "amortization: relative gap": g.get("relative_gap")}
     if sae is not None:
         t0 = time.perf_counter()
-        browsers["sae"] = str(step_report(sae, raw_store, out / "browser-sae", max_features=size["pages"],
+        browsers["sae"] = str(step_report(sae, raw_store, out / "report-sae", max_features=size["pages"],
                                           extra_metrics=extra, images=images, tsne_max_atoms=size["tsne_atoms"],
                                           title=f"TopK SAE features — {info['description']}"))
         _say(f"      SAE browser ({time.perf_counter() - t0:.1f} s)")
     if D is not None:
         t0 = time.perf_counter()
         browsers["dictionary"] = str(step_report(
-            D.astype(np.float32), store, out / "browser-dictionary", max_features=size["pages"],
+            D.astype(np.float32), store, out / "report-dictionary", max_features=size["pages"],
             max_rows=size["dict_report_rows"], images=images, tsne_max_atoms=size["tsne_atoms"],
             encode_options={"alpha": alpha, "positive": True, "max_iter": 200, "tol": 1e-4},
             title=f"Dictionary features (FISTA codes) — {info['description']}"))
