@@ -178,17 +178,11 @@ def atom_recovery(D_true, D_learned, threshold=0.99):
     threshold = check_scalar(threshold, "threshold", low=0.0)
     if threshold > 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    Dt = np.asarray(Dt, dtype=np.float64)
-    Dl = np.asarray(Dl, dtype=np.float64)
+    from .metrics import max_cosines  # the one implementation of cosine matching
 
-    def unit(M):
-        n = np.linalg.norm(M, axis=1, keepdims=True)
-        return M / np.where(n > 0, n, 1.0)
-
-    C = np.abs(unit(Dt) @ unit(Dl).T)
-    best_match = np.argmax(C, axis=1)
-    best = C[np.arange(C.shape[0]), best_match]
-    best = np.minimum(best, 1.0)
+    best, best_match = max_cosines(np.asarray(Dt, dtype=np.float64), np.asarray(Dl, dtype=np.float64))
+    best = np.minimum(to_numpy(best), 1.0)  # an all-zero atom gives 0, as documented
+    best_match = to_numpy(best_match)
     n_rec = int(np.sum(best > threshold))
     return {
         "mmcs": float(np.mean(best)),
