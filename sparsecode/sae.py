@@ -57,7 +57,6 @@ import os
 import numpy as np
 
 from .backend import (
-from .metrics import fvu  # the one definition of FVU
     array_namespace,
     asarray_like,
     backend_name,
@@ -67,6 +66,7 @@ from .metrics import fvu  # the one definition of FVU
     register_kernel,
     to_numpy,
 )
+from .metrics import fvu  # the one definition of FVU
 
 __all__ = [
     "SparseAutoencoder",
