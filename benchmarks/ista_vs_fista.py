@@ -218,10 +218,10 @@ def main(argv=None):
         axes[pi, 0].loglog(k, 1.0 / k**2, "k-.", lw=0.8, label="1/k^2")
         axes[pi, 0].legend(fontsize=7)
         axes[pi, 1].legend(fontsize=7)
+        print_table([r for r in rows if r["problem"] == kind])  # as soon as a problem is done
     fig.tight_layout()
     png = os.path.join(args.out, "ista_vs_fista.png")
     fig.savefig(png, dpi=110)
-    print_table(rows)
     print(f"\nplot written to {png}")
     return rows
 
