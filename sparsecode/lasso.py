@@ -151,18 +151,24 @@ def _primal_dual(X, D, A, alpha, positive, xp, R=None):
     return primal, gap
 
 
+def _dual_scale(C, alpha, positive, xp):
+    """Per sample, the largest ``s`` in [0, 1] with ``s * |c_j| <= alpha_j`` (``s * c_j`` when
+    positive) for the correlations ``C = D r``: ``theta = s r`` is then dual feasible.
+    Entries with a non-positive constrained correlation do not constrain."""
+    C_con = C if positive else xp.abs(C)
+    pos = C_con > 0
+    safe = xp.where(pos, C_con, xp.ones_like(C_con))
+    ratio = xp.where(pos, alpha / safe, xp.full_like(C_con, float("inf")))
+    return xp.minimum(xp.min(ratio, axis=1), xp.ones_like(ratio[:, 0]))
+
+
 def _primal_dual64(X, D, A, alpha, positive, xp, R=None):
     if R is None:
         R = X - A @ D  # residual
     C = R @ D.T  # correlations D r, (n, k)
     half_r2 = 0.5 * xp.sum(R * R, axis=1)
     primal = half_r2 + _l1(A, alpha, xp)
-    C_con = C if positive else xp.abs(C)
-    # largest s in [0, 1] with s * C_con <= alpha  (entries with C_con <= 0 do not constrain)
-    pos = C_con > 0
-    safe = xp.where(pos, C_con, xp.ones_like(C_con))
-    ratio = xp.where(pos, alpha / safe, xp.full_like(C_con, float("inf")))
-    s = xp.minimum(xp.min(ratio, axis=1), xp.ones_like(half_r2))
+    s = _dual_scale(C, alpha, positive, xp)
     # dual(theta) with theta = s r:  0.5||x||^2 - 0.5||x - s r||^2
     diff = X - s[:, None] * R
     dual = 0.5 * xp.sum(X * X, axis=1) - 0.5 * xp.sum(diff * diff, axis=1)
@@ -590,11 +596,7 @@ def _primal_dual_gram(XDt, Q, A, x2, alpha, positive, xp):
     r2 = xp.maximum(x2 - 2.0 * ac + xp.sum(A * Q, axis=1), xp.zeros_like(x2))
     C = XDt - Q
     primal = 0.5 * r2 + _l1(A, alpha, xp)
-    C_con = C if positive else xp.abs(C)
-    pos = C_con > 0
-    safe = xp.where(pos, C_con, xp.ones_like(C_con))
-    ratio = xp.where(pos, alpha / safe, xp.full_like(C_con, float("inf")))
-    s = xp.minimum(xp.min(ratio, axis=1), xp.ones_like(r2))
+    s = _dual_scale(C, alpha, positive, xp)
     dual = s * (x2 - ac) - 0.5 * s * s * r2
     gap = xp.maximum(primal - dual, xp.zeros_like(primal))
     return primal, gap

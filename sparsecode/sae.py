@@ -444,6 +444,17 @@ def _row_norms(W, xp):
 
 
 
+def _auxk_loss(E_hat, E, aux_coefficient, xp):
+    """AuxK loss ``c * ||E_hat - E||^2 / sum ||E - mean(E)||^2`` (the residual ``E`` held fixed).
+
+    Returns ``(loss, E_hat - E, denominator)``: the last two give its gradient in ``E_hat``.
+    """
+    den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
+    den = den if den > 0 else 1.0
+    D_aux = E_hat - E
+    return float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den, D_aux, den
+
+
 # =========================================================================== the model
 class SparseAutoencoder:
     """A sparse autoencoder: parameters, the encoder rule, and inference.
@@ -1036,10 +1047,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         fav = xp.where(lay_a.gather_bool(aux_mask), lay_a.gather(z), _zero(zv, xp))
         E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
         E_hat = lay_a.decode(fav, W_dec)
-        den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
-        den = den if den > 0 else 1.0
-        D_aux = E_hat - E
-        aux = float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den
+        aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, xp)
         stats["aux_loss"] = aux
         loss += aux
 
@@ -1129,10 +1137,7 @@ def _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_ta
         vals_a = va_pre if signed else _relu(va_pre, xp)
         E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
         E_hat = _ks_decode(idx_a, vals_a, W_dec, xp)
-        den = float(xp.sum((E - xp.mean(E, axis=0)) ** 2))
-        den = den if den > 0 else 1.0
-        D_aux = E_hat - E
-        aux = float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den
+        aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, xp)
         stats["aux_loss"] = aux
         loss += aux
     if not need_grad:
