@@ -165,30 +165,25 @@ def _is_sparse_np(F):
 def _codes_matmul_np(F, W):
     if not _is_sparse_np(F):
         return F @ W
-    import scipy.sparse as sp
-
-    return np.asarray(sp.csr_matrix(F) @ W)
+    lay = _PatternLayout(F != 0)
+    return lay.decode(lay.gather(F), W)
 
 
 @register_kernel("sae_codes_tmatmul", "numpy")
 def _codes_tmatmul_np(F, G):
     if not _is_sparse_np(F):
         return F.T @ G
-    import scipy.sparse as sp
-
-    return np.asarray(sp.csr_matrix(F).T @ G)
+    lay = _PatternLayout(F != 0)
+    return lay.tmatmul(lay.gather(F), G)
 
 
 @register_kernel("sae_masked_matmul_t", "numpy")
 def _masked_matmul_t_np(G, W, mask):
     if np.count_nonzero(mask) > _SPARSE_DENSITY * mask.size:
         return np.where(mask, G @ W.T, 0).astype(G.dtype, copy=False)
-    rows, cols = np.nonzero(mask)
+    lay = _PatternLayout(mask)
     out = np.zeros(mask.shape, dtype=G.dtype)
-    step = 16384
-    for s in range(0, rows.shape[0], step):
-        r, c = rows[s:s + step], cols[s:s + step]
-        out[r, c] = np.einsum("ij,ij->i", G[r], W[c])
+    out[lay.rows, lay.cols] = lay.sample(G, W)
     return out
 
 
@@ -277,29 +272,55 @@ def _ks_colsum(idx, vals, m, xp):
     return xp.sum(_ks_dense(idx, vals, m, xp), axis=0)
 
 
-def _ks_csr(idx, vals, m):
-    import scipy.sparse as sp
+def _ks_rtmatmul(idx, vals, G, m, xp):
+    """``G.T @ S`` for ``G (n, d)`` and the k-sparse ``S`` (n, m): shape (d, m), the layout of
+    ``W_enc`` (its gradient is ``xc.T @ g_z``)."""
+    kern = get_kernel("sae_ks_rtmatmul", xp)
+    if kern is not None:
+        return kern(idx, vals, G, m)
+    return G.T @ _ks_dense(idx, vals, m, xp)
 
+
+# NumPy kernels. A k-sparse matrix whose rows fill more than this fraction of its columns is
+# multiplied densely (BLAS beats the gather loops there, e.g. AuxK within the dead latents);
+# below it the Numba loops of _sae_numba touch only the k entries per row.
+_KS_DENSE_FRACTION = 0.1
+
+
+def _nb():
+    from . import _sae_numba
+
+    return _sae_numba
+
+
+def _ks_is_dense(k, m):
+    return k > _KS_DENSE_FRACTION * m
+
+
+def _ks_pattern(idx):
     n, k = idx.shape
-    return sp.csr_matrix((vals.reshape(-1), idx.reshape(-1), np.arange(0, n * k + 1, k)), shape=(n, m))
+    return np.arange(0, n * k + 1, k, dtype=np.int64), np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
 
 
 @register_kernel("sae_topk_indices", "numpy")
 def _topk_indices_np(score, k):
-    if k >= score.shape[1]:
-        return np.broadcast_to(np.arange(score.shape[1]), score.shape).copy()
+    n, m = score.shape
+    if k >= m:
+        return np.broadcast_to(np.arange(m), score.shape).copy()
+    if 16 * k <= m:  # a size-k heap per row: one pass, ties to the lowest index
+        return _nb().topk_rows(np.ascontiguousarray(score), k, np.empty((n, k), dtype=np.int64))
     return np.argpartition(-score, k - 1, axis=1)[:, :k]
 
 
 @register_kernel("sae_ks_sample", "numpy")
 def _ks_sample_np(idx, G, W):
-    # chunked over rows: the gathered (rows, k, d) block stays small (AuxK has k ~ d_in / 2)
     n, k = idx.shape
-    out = np.empty((n, k), dtype=G.dtype)
-    step = max(1, 16384 // max(k, 1))
-    for s in range(0, n, step):
-        out[s:s + step] = np.einsum("nkd,nd->nk", W[idx[s:s + step]], G[s:s + step])
-    return out
+    if _ks_is_dense(k, W.shape[0]):
+        return np.take_along_axis(G @ W.T, idx, axis=1)
+    indptr, cols = _ks_pattern(idx)
+    out = _nb().csr_sample(indptr, cols, np.ascontiguousarray(G), np.ascontiguousarray(W),
+                           np.empty(n * k, dtype=G.dtype))
+    return out.reshape(n, k)
 
 
 @register_kernel("sae_ks_dense", "numpy")
@@ -311,17 +332,63 @@ def _ks_dense_np(idx, vals, m):
 
 @register_kernel("sae_ks_decode", "numpy")
 def _ks_decode_np(idx, vals, W):
-    return np.asarray(_ks_csr(idx, vals, W.shape[0]) @ W)
+    n, k = idx.shape
+    if _ks_is_dense(k, W.shape[0]):
+        return _ks_dense_np(idx, vals, W.shape[0]) @ W
+    indptr, cols = _ks_pattern(idx)
+    return _nb().csr_decode(indptr, cols, np.ascontiguousarray(vals).reshape(-1), np.ascontiguousarray(W),
+                            np.empty((n, W.shape[1]), dtype=W.dtype))
+
+
+def _ks_transposed(idx, vals, G, m, rt):
+    n, k = idx.shape
+    nb_ = _nb()
+    indptr, cols = _ks_pattern(idx)
+    colptr, perm, rows = nb_.csr_transpose(indptr, cols, m)
+    v = np.ascontiguousarray(vals).reshape(-1)
+    G = np.ascontiguousarray(G)
+    if rt:
+        return nb_.csc_rtmatmul(colptr, perm, rows, v, G, np.empty((G.shape[1], m), dtype=G.dtype))
+    return nb_.csc_tmatmul(colptr, perm, rows, v, G, np.empty((m, G.shape[1]), dtype=G.dtype))
 
 
 @register_kernel("sae_ks_tmatmul", "numpy")
 def _ks_tmatmul_np(idx, vals, G, m):
-    return np.asarray(_ks_csr(idx, vals, m).T @ G)
+    if _ks_is_dense(idx.shape[1], m):
+        # the transposed codes made contiguous: BLAS is erratic on a transposed operand here
+        return np.ascontiguousarray(_ks_dense_np(idx, vals, m).T) @ G
+    return _ks_transposed(idx, vals, G, m, rt=False)
+
+
+@register_kernel("sae_ks_rtmatmul", "numpy")
+def _ks_rtmatmul_np(idx, vals, G, m):
+    if _ks_is_dense(idx.shape[1], m):
+        return G.T @ _ks_dense_np(idx, vals, m)
+    return _ks_transposed(idx, vals, G, m, rt=True)
 
 
 @register_kernel("sae_ks_colsum", "numpy")
 def _ks_colsum_np(idx, vals, m):
     return np.bincount(idx.reshape(-1), weights=vals.reshape(-1), minlength=m).astype(vals.dtype)
+
+
+def _add_rows(A, mask, R, xp):
+    """``A`` with the rows of ``R`` added, in order, to the rows of ``A`` where ``mask`` (bool
+    (m,)) is true; ``A`` is the caller's own temporary (the NumPy kernel adds in place)."""
+    kern = get_kernel("sae_add_rows", xp)
+    if kern is not None:
+        return kern(A, mask, R)
+    # row t of R goes to the t-th true row of A; the others take a zero row
+    pos = xp.cumulative_sum(xp.astype(mask, xp.int64)) - 1
+    pos = xp.where(mask, pos, xp.full_like(pos, R.shape[0]))
+    Rz = xp.concat([R, xp.zeros((1,) + tuple(R.shape[1:]), dtype=R.dtype, device=_device(R))], axis=0)
+    return A + xp.take(Rz, pos, axis=0)
+
+
+@register_kernel("sae_add_rows", "numpy")
+def _add_rows_np(A, mask, R):
+    A[mask] += R
+    return A
 
 
 # ---------------------------------------------------------------- layouts of codes
@@ -362,17 +429,26 @@ class _DenseLayout:
     def tmatmul(self, V, G):
         return V.T @ G
 
+    def rtmatmul(self, V, G):
+        return G.T @ V
+
     def sample(self, G, W):
         return self.xp.where(self.mask, G @ W.T, _zero(G, self.xp))
 
 
 class _PatternLayout:
-    """Codes as values at the entries of one sparsity pattern (NumPy, CSR products)."""
+    """Codes as values at the entries of one sparsity pattern (NumPy; Numba CSR products)."""
 
     def __init__(self, mask):
+        nb_ = _nb()
         self.n, self.m = mask.shape
-        self.rows, self.cols = np.nonzero(mask)  # row-major: already CSR order
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(self.rows, minlength=self.n))])
+        mask = np.ascontiguousarray(mask)
+        counts = nb_.mask_to_csr_counts(mask, np.empty(self.n, dtype=np.int64))
+        self.indptr = np.zeros(self.n + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.indptr[1:])
+        self.cols = nb_.mask_to_csr_fill(mask, self.indptr, np.empty(int(self.indptr[-1]), dtype=np.int64))
+        self.rows = np.repeat(np.arange(self.n, dtype=np.int64), counts)  # row-major: CSR order
+        self._csc = None
 
     def gather(self, Z):
         return Z[self.rows, self.cols]
@@ -391,24 +467,28 @@ class _PatternLayout:
     def rowsum(self, V):
         return np.bincount(self.rows, weights=V, minlength=self.n).astype(V.dtype, copy=False)
 
-    def _csr(self, V):
-        import scipy.sparse as sp
-
-        return sp.csr_matrix((V, self.cols, self.indptr), shape=(self.n, self.m))
-
     def decode(self, V, W):
-        return np.asarray(self._csr(V) @ W)
+        return _nb().csr_decode(self.indptr, self.cols, np.ascontiguousarray(V), np.ascontiguousarray(W),
+                                np.empty((self.n, W.shape[1]), dtype=W.dtype))
+
+    def _transposed(self):
+        if self._csc is None:
+            self._csc = _nb().csr_transpose(self.indptr, self.cols, self.m)
+        return self._csc
 
     def tmatmul(self, V, G):
-        return np.asarray(self._csr(V).T @ G)
+        G = np.ascontiguousarray(G)
+        return _nb().csc_tmatmul(*self._transposed(), np.ascontiguousarray(V), G,
+                                 np.empty((self.m, G.shape[1]), dtype=G.dtype))
+
+    def rtmatmul(self, V, G):
+        G = np.ascontiguousarray(G)
+        return _nb().csc_rtmatmul(*self._transposed(), np.ascontiguousarray(V), G,
+                                  np.empty((G.shape[1], self.m), dtype=G.dtype))
 
     def sample(self, G, W):
-        out = np.empty(self.rows.shape[0], dtype=G.dtype)
-        step = 16384
-        for s in range(0, out.shape[0], step):
-            r, c = self.rows[s:s + step], self.cols[s:s + step]
-            out[s:s + step] = np.einsum("ij,ij->i", G[r], W[c])
-        return out
+        return _nb().csr_sample(self.indptr, self.cols, np.ascontiguousarray(G), np.ascontiguousarray(W),
+                                np.empty(self.cols.shape[0], dtype=G.dtype))
 
 
 def _layout(mask, xp):
@@ -453,6 +533,39 @@ def _auxk_loss(E_hat, E, aux_coefficient, xp):
     den = den if den > 0 else 1.0
     D_aux = E_hat - E
     return float(aux_coefficient) * float(xp.sum(D_aux * D_aux)) / den, D_aux, den
+
+
+def _auxk_forward(z, dead_mask, ka, signed, W_dec, E, aux_coefficient, xp):
+    """AuxK on the dead latents: the ``ka`` largest pre-activations (by magnitude when
+    ``signed``) among them per row, decoded, against the fixed residual ``E``.
+
+    Works on the dead columns only (``z`` and ``W_dec`` restricted to them): the selection
+    and the products cost ``n_dead``, not ``d_sae``. Returns ``(loss, cache)``.
+    """
+    dead_idx = xp.nonzero(dead_mask)[0]
+    n_dead = int(dead_idx.shape[0])
+    z_d = xp.take(z, dead_idx, axis=1)
+    ka = min(int(ka), n_dead)
+    idx = _topk_indices(xp.abs(z_d) if signed else z_d, ka, xp)
+    v_pre = xp.take_along_axis(z_d, idx, axis=1)
+    vals = v_pre if signed else _relu(v_pre, xp)
+    W_d = xp.take(W_dec, dead_idx, axis=0)
+    E_hat = _ks_decode(idx, vals, W_d, xp)
+    aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, xp)
+    return aux, (idx, v_pre, vals, W_d, D_aux, den, n_dead)
+
+
+def _auxk_backward(cache, dead_mask, xc, aux_coefficient, signed, g_Wdec, g_Wenc, g_benc, xp):
+    """Add AuxK's gradient to those of ``W_dec`` (m, d), ``W_enc`` (d, m) and ``b_enc``."""
+    idx, v_pre, vals, W_d, D_aux, den, n_dead = cache
+    g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
+    g_v = _ks_sample(idx, g_eh, W_d, xp)
+    if not signed:
+        g_v = xp.where(v_pre > 0, g_v, _zero(g_v, xp))
+    g_Wdec = _add_rows(g_Wdec, dead_mask, _ks_tmatmul(idx, vals, g_eh, n_dead, xp), xp)
+    g_Wenc = _add_rows(g_Wenc.T, dead_mask, _ks_rtmatmul(idx, g_v, xc, n_dead, xp).T, xp).T
+    g_benc = _add_rows(g_benc, dead_mask, _ks_colsum(idx, g_v, n_dead, xp), xp)
+    return g_Wdec, g_Wenc, g_benc
 
 
 # =========================================================================== the model
@@ -1039,15 +1152,9 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
     use_aux = (arch in AUXK_ARCHITECTURES and aux_coefficient and dead_mask is not None
                and bool(xp.any(dead_mask)))
     if use_aux:
-        n_dead = int(xp.sum(xp.astype(dead_mask, xp.int64)))
-        ka = min(int(k_aux if k_aux is not None else max(sae.d_in // 2, 1)), n_dead)
-        score = xp.where(dead_mask[None, :], z, xp.full_like(z, -float("inf")))
-        aux_mask = xp.logical_and(xp.logical_and(_top_k_mask(score, ka, xp), dead_mask[None, :]), z > 0)
-        lay_a = _layout(aux_mask, xp)
-        fav = xp.where(lay_a.gather_bool(aux_mask), lay_a.gather(z), _zero(zv, xp))
+        ka = k_aux if k_aux is not None else max(sae.d_in // 2, 1)
         E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
-        E_hat = lay_a.decode(fav, W_dec)
-        aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, xp)
+        aux, aux_cache = _auxk_forward(z, dead_mask, ka, False, W_dec, E, aux_coefficient, xp)
         stats["aux_loss"] = aux
         loss += aux
 
@@ -1085,17 +1192,14 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
             coefB = xp.where(B_norm > 0, -coef / safeB, xp.zeros_like(coef))
             g_xc_direct = coefB[:, None] * xc
         g_zv = xp.where(actv, g_fv, zero_v)
-    g_Wenc_T = lay.tmatmul(g_zv, xc)
+    g_Wenc = lay.rtmatmul(g_zv, xc)
     g_benc = lay.colsum(g_zv)
     if aux is not None:
-        g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
-        g_Wdec = g_Wdec + lay_a.tmatmul(fav, g_eh)
-        g_zav = xp.where(lay_a.gather_bool(aux_mask), lay_a.sample(g_eh, W_dec), _zero(fav, xp))
-        g_Wenc_T = g_Wenc_T + lay_a.tmatmul(g_zav, xc)
-        g_benc = g_benc + lay_a.colsum(g_zav)
+        g_Wdec, g_Wenc, g_benc = _auxk_backward(aux_cache, dead_mask, xc, aux_coefficient, False, g_Wdec, g_Wenc,
+                                                g_benc, xp)
     if g_Wdec_extra is not None:
         g_Wdec = g_Wdec + g_Wdec_extra
-    G["W_enc"] = g_Wenc_T.T
+    G["W_enc"] = g_Wenc
     G["b_enc"] = g_benc
     G["W_dec"] = g_Wdec
     if sae.apply_b_dec_to_input:
@@ -1128,16 +1232,9 @@ def _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_ta
 
     aux = None
     if aux_coefficient and dead_mask is not None and bool(xp.any(dead_mask)):
-        n_dead = int(xp.sum(xp.astype(dead_mask, xp.int64)))
-        ka = min(int(k_aux if k_aux is not None else max(sae.d_in // 2, 1)), n_dead)
-        base = xp.abs(z) if signed else z
-        score = xp.where(dead_mask[None, :], base, xp.full_like(z, -float("inf")))
-        idx_a = _topk_indices(score, ka, xp)
-        va_pre = xp.take_along_axis(z, idx_a, axis=1)
-        vals_a = va_pre if signed else _relu(va_pre, xp)
+        ka = k_aux if k_aux is not None else max(sae.d_in // 2, 1)
         E = -R if aux_target is None else aux_target  # x - x_hat, held fixed
-        E_hat = _ks_decode(idx_a, vals_a, W_dec, xp)
-        aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, xp)
+        aux, aux_cache = _auxk_forward(z, dead_mask, ka, signed, W_dec, E, aux_coefficient, xp)
         stats["aux_loss"] = aux
         loss += aux
     if not need_grad:
@@ -1148,20 +1245,15 @@ def _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_ta
     g_v = _ks_sample(idx, g_xh, W_dec, xp)
     if not signed:
         g_v = xp.where(v_pre > 0, g_v, _zero(g_v, xp))
-    g_Wenc_T = _ks_tmatmul(idx, g_v, xc, m, xp)
+    g_Wenc = _ks_rtmatmul(idx, g_v, xc, m, xp)
     g_benc = _ks_colsum(idx, g_v, m, xp)
     if aux is not None:
-        g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
-        g_Wdec = g_Wdec + _ks_tmatmul(idx_a, vals_a, g_eh, m, xp)
-        g_va = _ks_sample(idx_a, g_eh, W_dec, xp)
-        if not signed:
-            g_va = xp.where(va_pre > 0, g_va, _zero(g_va, xp))
-        g_Wenc_T = g_Wenc_T + _ks_tmatmul(idx_a, g_va, xc, m, xp)
-        g_benc = g_benc + _ks_colsum(idx_a, g_va, m, xp)
+        g_Wdec, g_Wenc, g_benc = _auxk_backward(aux_cache, dead_mask, xc, aux_coefficient, signed, g_Wdec, g_Wenc,
+                                                g_benc, xp)
     g_bdec = xp.sum(g_xh, axis=0)
     if sae.apply_b_dec_to_input:
         g_bdec = g_bdec - g_benc @ W_enc.T
-    G = {"W_enc": g_Wenc_T.T, "b_enc": g_benc, "W_dec": g_Wdec, "b_dec": g_bdec}
+    G = {"W_enc": g_Wenc, "b_enc": g_benc, "W_dec": g_Wdec, "b_dec": g_bdec}
     return loss, G, stats
 
 

@@ -45,9 +45,9 @@ import warnings
 
 import numpy as np
 
-from .backend import array_namespace, asarray_like, check_scalar, to_numpy
+from .backend import array_namespace, asarray_like, check_scalar, get_kernel, register_kernel, to_numpy
 
-__all__ = ["train_sae", "Adam", "geometric_median", "configure_parser", "run_cli"]
+__all__ = ["train_sae", "training_step", "Adam", "geometric_median", "configure_parser", "run_cli"]
 
 _DEFAULT_LR = 4e-4
 _DEFAULT_PENALTY = {"relu": 5.0, "relu_april": 5.0, "jumprelu": 0.5, "lista": 5.0}
@@ -79,13 +79,40 @@ class Adam:
         c1 = 1.0 - self.b1 ** self.t
         c2 = 1.0 - self.b2 ** self.t
         xp = array_namespace(*params.values())
+        kern = get_kernel("adam_update", xp)
         for k, g in grads.items():
             if g is None:
                 continue
+            if kern is not None:
+                new = kern(params[k], g, self.m[k], self.v[k], self.b1, self.b2, lr / c1, c2, self.eps)
+                if new is not None:  # the kernel updated m and v in place
+                    params[k] = new
+                    continue
             self.m[k] = self.b1 * self.m[k] + (1.0 - self.b1) * g
             self.v[k] = self.b2 * self.v[k] + (1.0 - self.b2) * (g * g)
             params[k] = params[k] - (lr / c1) * self.m[k] / (xp.sqrt(self.v[k] / c2) + self.eps)
         return params
+
+
+@register_kernel("adam_update", "numpy")
+def _adam_update_np(p, g, m, v, b1, b2, step, c2, eps):
+    """The portable update above in one fused pass (Numba), bit for bit: the same operations
+    in the same order and precision, the Python scalars cast to the arrays' dtype as NumPy
+    does. Updates ``m`` and ``v`` in place and returns the new parameter (a new array, as the
+    portable code makes). ``None`` (portable code) for anything but matching contiguous
+    float arrays of one dtype."""
+    dt = p.dtype
+    if not (dt in (np.float32, np.float64) and g.dtype == dt and m.dtype == dt and v.dtype == dt
+            and p.shape == g.shape == m.shape == v.shape and p.size >= 4096
+            and all(a.flags.c_contiguous for a in (p, g, m, v)) and m.flags.writeable and v.flags.writeable):
+        return None
+    from ._sae_numba import adam_update
+
+    c = dt.type
+    out = np.empty_like(p)
+    adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), c(b1), c(1.0 - b1), c(b2), c(1.0 - b2),
+                c(step), c(c2), c(eps), out.reshape(-1))
+    return out
 
 
 # =========================================================================== helpers
@@ -409,24 +436,11 @@ def train_sae(data, d_sae, architecture="topk", k=32, *, n_tokens=None, n_steps=
                 if lam is not None and penalty_warmup_steps and step < penalty_warmup_steps:
                     pen = lam * (step + 1) / penalty_warmup_steps
                 dead = state["since_fired"] >= dead_tokens
-                loss, G, st = sae_mod.loss_and_grad(
-                    model, B, penalty=pen, aux_coefficient=aux_coefficient, dead_mask=dead, k_aux=k_aux,
-                    afa_coefficient=afa_coefficient if arch == "topafa" else 0.0)
-                if unit_norm:
-                    Wd = model.params["W_dec"]
-                    G["W_dec"] = G["W_dec"] - bxp.sum(G["W_dec"] * Wd, axis=1)[:, None] * Wd
-                gnorm = math.sqrt(sum(float(bxp.sum(g * g)) for g in G.values() if g is not None))
-                if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                    raise FloatingPointError(
-                        f"the loss or gradient became non-finite at step {step} on finite data "
-                        f"(loss={loss}, grad norm={gnorm}): lower lr or the penalty")
-                if grad_clip is not None and gnorm > grad_clip:
-                    scale = grad_clip / gnorm
-                    G = {key: (g * scale if g is not None else None) for key, g in G.items()}
                 cur_lr = _lr_at(step, n_steps, lr, lr_warmup_steps, lr_decay_fraction)
-                opt.step(model.params, G, cur_lr)
-                if unit_norm:
-                    _renormalise(model, bxp)
+                loss, st = training_step(
+                    model, opt, B, cur_lr, penalty=pen, dead_mask=dead, aux_coefficient=aux_coefficient,
+                    k_aux=k_aux, afa_coefficient=afa_coefficient if arch == "topafa" else 0.0, grad_clip=grad_clip,
+                    step=step)
                 n = B.shape[0]
                 state["since_fired"] = bxp.where(st["fired"], bxp.zeros_like(state["since_fired"]),
                                                  state["since_fired"] + n)
@@ -480,10 +494,91 @@ def train_sae(data, d_sae, architecture="topk", k=32, *, n_tokens=None, n_steps=
     return model, out_log
 
 
+def training_step(model, opt, B, lr, *, penalty=None, dead_mask=None, aux_coefficient=0.0, k_aux=None,
+                  afa_coefficient=0.0, grad_clip=None, step=None):
+    """One optimisation step of ``model`` on the batch ``B``: loss and hand-written gradient,
+    the decoder-gradient projection (unit-norm variants), global-norm clipping, Adam, and
+    the decoder renormalisation. Returns ``(loss, stats)``; raises ``FloatingPointError`` when
+    the loss or gradient is not finite (nothing is updated then). This is the whole step of
+    :func:`train_sae` (and what ``benchmarks/sae.py`` times)."""
+    from . import sae as sae_mod
+
+    xp = array_namespace(B)
+    unit_norm = model.architecture in sae_mod.UNIT_NORM_ARCHITECTURES
+    loss, G, st = sae_mod.loss_and_grad(model, B, penalty=penalty, aux_coefficient=aux_coefficient,
+                                        dead_mask=dead_mask, k_aux=k_aux, afa_coefficient=afa_coefficient)
+    if unit_norm:
+        G["W_dec"] = _project_rows(G["W_dec"], model.params["W_dec"], xp)
+    gnorm = math.sqrt(sum(_sumsq(g, xp) for g in G.values() if g is not None))
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise FloatingPointError(
+            f"the loss or gradient became non-finite at step {step} on finite data "
+            f"(loss={loss}, grad norm={gnorm}): lower lr or the penalty")
+    if grad_clip is not None and gnorm > grad_clip:
+        scale = grad_clip / gnorm
+        G = {key: (g * scale if g is not None else None) for key, g in G.items()}
+    opt.step(model.params, G, lr)
+    if unit_norm:
+        _renormalise(model, xp)
+    return loss, st
+
+
+def _project_rows(G, W, xp):
+    """``G`` without its component along each row of ``W`` (unit rows): the tangent step."""
+    kern = get_kernel("sae_project_rows", xp)
+    if kern is not None:
+        out = kern(G, W)
+        if out is not None:
+            return out
+    return G - xp.sum(G * W, axis=1)[:, None] * W
+
+
+def _sumsq(g, xp):
+    kern = get_kernel("sae_sumsq", xp)
+    if kern is not None:
+        return kern(g)
+    return float(xp.sum(g * g))
+
+
 def _renormalise(model, xp):
     W = model.params["W_dec"]
-    nrm = xp.sqrt(xp.sum(W * W, axis=1))
-    model.params["W_dec"] = W / xp.maximum(nrm, xp.full_like(nrm, 1e-12))[:, None]
+    kern = get_kernel("sae_normalise_rows", xp)
+    out = kern(W, 1e-12) if kern is not None else None
+    if out is None:
+        nrm = xp.sqrt(xp.sum(W * W, axis=1))
+        out = W / xp.maximum(nrm, xp.full_like(nrm, 1e-12))[:, None]
+    model.params["W_dec"] = out
+
+
+def _rows_kernel_ok(*arrays):
+    a0 = arrays[0]
+    return (a0.ndim == 2 and a0.dtype in (np.float32, np.float64) and a0.size >= 4096
+            and all(a.dtype == a0.dtype and a.shape == a0.shape and a.flags.c_contiguous for a in arrays))
+
+
+@register_kernel("sae_project_rows", "numpy")
+def _project_rows_np(G, W):
+    # in place on G (the gradient is loss_and_grad's own temporary); one pass per row
+    if not (_rows_kernel_ok(G, W) and G.flags.writeable):
+        return None
+    from ._sae_numba import project_rows
+
+    return project_rows(G, W)
+
+
+@register_kernel("sae_normalise_rows", "numpy")
+def _normalise_rows_np(W, floor):
+    if not _rows_kernel_ok(W):
+        return None
+    from ._sae_numba import normalise_rows
+
+    return normalise_rows(W, W.dtype.type(floor), np.empty_like(W))
+
+
+@register_kernel("sae_sumsq", "numpy")
+def _sumsq_np(g):
+    g = np.ascontiguousarray(g).reshape(-1)
+    return float(np.dot(g, g))
 
 
 def _init_sample(src, n, seed, xp, bxp):

@@ -393,6 +393,7 @@ def test_portable_code_matches_numpy_kernels(arch, monkeypatch):
 
     strict = pytest.importorskip("array_api_strict")
     monkeypatch.setattr(sae_mod, "_SPARSE_DENSITY", 1.01)
+    monkeypatch.setattr(sae_mod, "_KS_DENSE_FRACTION", 2.0)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 8))
     sae = SparseAutoencoder.initialize(8, 24, arch, k=3, seed=0, dtype="float64", l1_coefficient=0.2)

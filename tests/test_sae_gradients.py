@@ -72,6 +72,7 @@ def test_gradient_matches_finite_differences(arch, shape, sparse_kernels, monkey
     import sparsecode.sae as sae_mod
 
     monkeypatch.setattr(sae_mod, "_SPARSE_DENSITY", 1.01 if sparse_kernels else -1.0)
+    monkeypatch.setattr(sae_mod, "_KS_DENSE_FRACTION", 2.0 if sparse_kernels else -1.0)
     n, d_in, d_sae, seed = shape
     rng = np.random.default_rng(seed + 1)
     X = rng.standard_normal((n, d_in))

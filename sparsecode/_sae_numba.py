@@ -1,0 +1,272 @@
+"""Numba kernels for SAE training on the NumPy backend.
+
+They stand beside the portable code of :mod:`sparsecode.sae` and :mod:`sparsecode.sae_train`
+(registered through :func:`sparsecode.backend.register_kernel`, used on NumPy only) and
+compute the same quantities:
+
+* products with a sparse code matrix ``S (n, m)`` given by its pattern in CSR form
+  (``indptr (n + 1,)``, ``cols (nnz,)``) and values ``vals (nnz,)``:
+  ``csr_decode`` (``S @ W``), ``csr_sample`` (``(G @ W.T)`` at the pattern's entries) and
+  ``csc_tmatmul`` (``S.T @ G``, through the transposed pattern of ``csr_transpose``).
+  Rows (columns for ``S.T @ G``) are independent and run in parallel; each output is a
+  sum in a fixed order, so results do not depend on the number of threads.
+* ``topk_rows``: the column indices of the ``k`` largest entries of each row, ties to the
+  lowest index (the order of the portable stable ``argsort``), by one pass with a size-``k``
+  heap (O(m log k) per row, no copy of the row).
+* ``adam_update``: one fused pass of Adam over a parameter, its gradient and both moments,
+  with the portable code's operations in its order and precision (bit-identical results).
+
+Plain loops compiled in the input's precision; only the dot products of ``csr_sample`` are
+reassociated (``fastmath`` reassoc), so that they vectorise like a BLAS dot.
+"""
+
+import numba as nb
+import numpy as np
+
+_FLAGS = dict(cache=True, nogil=True)
+
+
+# --------------------------------------------------------------------------- sparse products
+@nb.njit(parallel=True, **_FLAGS)
+def csr_decode(indptr, cols, vals, W, out):
+    """``out[i] = sum_p vals[p] * W[cols[p]]`` over row ``i``'s entries: ``S @ W``."""
+    n = out.shape[0]
+    d = W.shape[1]
+    for i in nb.prange(n):
+        o = out[i]
+        for q in range(d):
+            o[q] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            v = vals[p]
+            w = W[cols[p]]
+            for q in range(d):
+                o[q] += v * w[q]
+    return out
+
+
+@nb.njit(parallel=True, fastmath={"reassoc"}, **_FLAGS)
+def csr_sample(indptr, cols, G, W, out):
+    """``out[p] = G[i] . W[cols[p]]`` for every entry ``p`` of row ``i``: ``G @ W.T`` sampled."""
+    n = G.shape[0]
+    d = G.shape[1]
+    for i in nb.prange(n):
+        g = G[i]
+        for p in range(indptr[i], indptr[i + 1]):
+            w = W[cols[p]]
+            acc = g[0] * 0.0
+            for q in range(d):
+                acc += g[q] * w[q]
+            out[p] = acc
+    return out
+
+
+@nb.njit(**_FLAGS)
+def csr_transpose(indptr, cols, m):
+    """The pattern by columns: ``colptr (m + 1,)``, and for each entry in column order its
+    position ``perm`` in the CSR arrays and its row ``rows`` (rows ascending in a column)."""
+    n = indptr.shape[0] - 1
+    nnz = cols.shape[0]
+    colptr = np.zeros(m + 1, dtype=np.int64)
+    for p in range(nnz):
+        colptr[cols[p] + 1] += 1
+    for j in range(m):
+        colptr[j + 1] += colptr[j]
+    fill = colptr[:m].copy()
+    perm = np.empty(nnz, dtype=np.int64)
+    rows = np.empty(nnz, dtype=np.int64)
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = cols[p]
+            q = fill[j]
+            perm[q] = p
+            rows[q] = i
+            fill[j] = q + 1
+    return colptr, perm, rows
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def csc_tmatmul(colptr, perm, rows, vals, G, out):
+    """``out[j] = sum over column j's entries of vals[p] * G[row]``: ``S.T @ G``."""
+    m = out.shape[0]
+    d = G.shape[1]
+    for j in nb.prange(m):
+        o = out[j]
+        for q in range(d):
+            o[q] = 0.0
+        for t in range(colptr[j], colptr[j + 1]):
+            v = vals[perm[t]]
+            g = G[rows[t]]
+            for q in range(d):
+                o[q] += v * g[q]
+    return out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def csc_rtmatmul(colptr, perm, rows, vals, G, out):
+    """``G.T @ S`` written directly in its (d, m) layout: blocks of 16 columns of ``S`` are
+    formed as ``(16, d)`` rows (the sums of ``csc_tmatmul``) and stored transposed."""
+    d = out.shape[0]
+    m = out.shape[1]
+    B = 16
+    for b in nb.prange((m + B - 1) // B):
+        j0 = b * B
+        j1 = min(j0 + B, m)
+        buf = np.zeros((B, d), dtype=out.dtype)
+        for j in range(j0, j1):
+            o = buf[j - j0]
+            for t in range(colptr[j], colptr[j + 1]):
+                v = vals[perm[t]]
+                g = G[rows[t]]
+                for q in range(d):
+                    o[q] += v * g[q]
+        for q in range(d):
+            for j in range(j0, j1):
+                out[q, j] = buf[j - j0, q]
+    return out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mask_to_csr_counts(mask, counts):
+    n, m = mask.shape
+    for i in nb.prange(n):
+        c = 0
+        for j in range(m):
+            if mask[i, j]:
+                c += 1
+        counts[i] = c
+    return counts
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mask_to_csr_fill(mask, indptr, cols):
+    n, m = mask.shape
+    for i in nb.prange(n):
+        p = indptr[i]
+        for j in range(m):
+            if mask[i, j]:
+                cols[p] = j
+                p += 1
+    return cols
+
+
+# --------------------------------------------------------------------------- top-k per row
+@nb.njit(inline="always")
+def _worse(a, ia, b, ib):
+    """Entry (a, ia) ranks after (b, ib): smaller value, or equal value and higher index.
+    NaN ranks after everything (as in the portable ``argsort(-score)``)."""
+    if a != a:
+        return not (b != b) or ia > ib
+    if b != b:
+        return False
+    return a < b or (a == b and ia > ib)
+
+
+@nb.njit(inline="always")
+def _sift_down(hv, hi, k, s):
+    # min-heap on the ranking: the root is the worst kept entry
+    while True:
+        c = 2 * s + 1
+        if c >= k:
+            break
+        if c + 1 < k and _worse(hv[c + 1], hi[c + 1], hv[c], hi[c]):
+            c += 1
+        if _worse(hv[c], hi[c], hv[s], hi[s]):
+            tv = hv[s]
+            ti = hi[s]
+            hv[s] = hv[c]
+            hi[s] = hi[c]
+            hv[c] = tv
+            hi[c] = ti
+            s = c
+        else:
+            break
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def topk_rows(score, k, out):
+    """``out[i]``: the columns of the ``k`` best entries of row ``i``, best first."""
+    n, m = score.shape
+    for i in nb.prange(n):
+        hv = np.empty(k, dtype=score.dtype)
+        hi = np.empty(k, dtype=np.int64)
+        row = score[i]
+        for j in range(k):
+            hv[j] = row[j]
+            hi[j] = j
+        for s in range(k // 2 - 1, -1, -1):
+            _sift_down(hv, hi, k, s)
+        thr = hv[0]
+        for j in range(k, m):
+            x = row[j]
+            # a later entry enters only if strictly larger (ties go to the lower index);
+            # NaN never enters, and replaces nothing but a NaN root
+            if x > thr or (thr != thr and x == x):
+                hv[0] = x
+                hi[0] = j
+                _sift_down(hv, hi, k, 0)
+                thr = hv[0]
+        # heap sort: pop the worst to the end
+        for e in range(k - 1, 0, -1):
+            tv = hv[0]
+            ti = hi[0]
+            hv[0] = hv[e]
+            hi[0] = hi[e]
+            hv[e] = tv
+            hi[e] = ti
+            _sift_down(hv, hi, e, 0)
+        for j in range(k):
+            out[i, j] = hi[j]
+    return out
+
+
+# --------------------------------------------------------------------------- Adam
+@nb.njit(parallel=True, **_FLAGS)
+def adam_update(p, g, m, v, b1, one_m_b1, b2, one_m_b2, step, c2, eps, p_out):
+    """One Adam step over flat arrays: ``m``, ``v`` in place, the new parameter in ``p_out``.
+
+    The portable expression, operation by operation in the arrays' precision (the scalars
+    come already cast to it): ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) (g g)``;
+    ``p - (step m) / (sqrt(v / c2) + eps)`` with ``step = lr / c1``.
+    """
+    for t in nb.prange(p.shape[0]):
+        gt = g[t]
+        mt = b1 * m[t] + one_m_b1 * gt
+        vt = b2 * v[t] + one_m_b2 * (gt * gt)
+        m[t] = mt
+        v[t] = vt
+        p_out[t] = p[t] - (step * mt) / (np.sqrt(vt / c2) + eps)
+    return p_out
+
+
+# --------------------------------------------------------------------------- decoder rows
+@nb.njit(parallel=True, fastmath={"reassoc"}, **_FLAGS)
+def project_rows(G, W):
+    """In place: ``G[j] -= (G[j] . W[j]) W[j]`` (the gradient component along each row)."""
+    m, d = G.shape
+    for j in nb.prange(m):
+        g = G[j]
+        w = W[j]
+        acc = g[0] * 0.0
+        for q in range(d):
+            acc += g[q] * w[q]
+        for q in range(d):
+            g[q] -= acc * w[q]
+    return G
+
+
+@nb.njit(parallel=True, fastmath={"reassoc"}, **_FLAGS)
+def normalise_rows(W, floor, out):
+    """``out[j] = W[j] / max(||W[j]||, floor)``."""
+    m, d = W.shape
+    for j in nb.prange(m):
+        w = W[j]
+        acc = w[0] * 0.0
+        for q in range(d):
+            acc += w[q] * w[q]
+        nrm = np.sqrt(acc)
+        if nrm < floor:
+            nrm = floor
+        o = out[j]
+        for q in range(d):
+            o[q] = w[q] / nrm
+    return out
