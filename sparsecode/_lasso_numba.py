@@ -71,3 +71,249 @@ prox_grad_gram = nb.njit(parallel=True, cache=True)(_prox_grad_gram)
 prox_grad_gram_serial = nb.njit(cache=True)(_prox_grad_gram)
 sparse_times_gram = nb.njit(parallel=True, cache=True)(_sparse_times_gram)
 sparse_times_gram_serial = nb.njit(cache=True)(_sparse_times_gram)
+
+
+# --------------------------------------------------------------------------- working sets
+def _gram_axpy(GW, z, out, m):
+    """``out = GW @ z`` for symmetric ``GW`` (m, m), touching only the rows where z != 0."""
+    for a in range(m):
+        out[a] = 0.0
+    for b in range(m):
+        zb = z[b]
+        if zb != 0.0:
+            g = GW[b]
+            for a in range(m):
+                out[a] += zb * g[a]
+
+
+def _subproblem_gap(z, gz, c, w, x2, m, positive):
+    """(primal, gap) of the Lasso restricted to the working set, from Gram quantities:
+    ``D_W r = c - G_W z``, ``||r||^2 = ||x||^2 - 2 z.c + z.G_W z``."""
+    zc = 0.0
+    zgz = 0.0
+    l1 = 0.0
+    s = 1.0
+    for a in range(m):
+        zc += z[a] * c[a]
+        zgz += z[a] * gz[a]
+        l1 += w[a] * abs(z[a])
+        corr = c[a] - gz[a]
+        cc = corr if positive else abs(corr)
+        if cc > 0.0 and w[a] < s * cc:
+            s = w[a] / cc
+    r2 = max(x2 - 2.0 * zc + zgz, 0.0)
+    primal = 0.5 * r2 + l1
+    dual = s * (x2 - zc) - 0.5 * s * s * r2
+    return primal, max(primal - dual, 0.0)
+
+
+def _fista_subproblems(G, C, x2, A, W, sizes, thr, positive, budget, target, restart,
+                       check_every, L_fixed, n_iter, gaps):
+    """FISTA on each row's working-set Lasso ``min_z 0.5 z.G_W z - c_W.z + sum w|z|``.
+
+    Row ``i`` works on the atoms ``W[i, :sizes[i]]`` (which must contain the support of
+    ``A[i]``), starting from ``A[i]``, for at most ``budget[i]`` iterations or until its
+    restricted duality gap is below ``target[i]``; ``A[i]`` is overwritten on those atoms.
+    ``restart``: 0 none, 1 function (objective rise), 2 gradient (O'Donoghue & Candes).
+    The step is ``1/L``: ``L_fixed`` when given (> 0), else found by backtracking from
+    ``max_a G_aa``: a step whose quadratic model fails to majorise (checked exactly and for
+    free from the ``G_W`` products already formed) is rejected and ``L`` grown by 1.5.
+    """
+    n = A.shape[0]
+    for i in nb.prange(n):
+        m = sizes[i]
+        idx = W[i, :m]
+        GW = np.empty((m, m), dtype=np.float64)
+        c = np.empty(m, dtype=np.float64)
+        w = np.empty(m, dtype=np.float64)
+        z = np.empty(m, dtype=np.float64)
+        for a in range(m):
+            ja = idx[a]
+            for b in range(m):
+                GW[a, b] = G[ja, idx[b]]
+            c[a] = C[i, ja]
+            w[a] = thr[ja]
+            z[a] = A[i, ja]
+        # Backtracking from below (Beck & Teboulle): max_a G_aa <= ||G_W||_2, and a failed
+        # majorisation multiplies L by 1.5, so L ends within 1.5x of the set's own constant,
+        # itself well below ||D||^2. (A power iteration here cost more than the solve.)
+        L = L_fixed
+        if L <= 0.0:
+            for a in range(m):
+                L = max(L, GW[a, a])
+            if L <= 0.0:
+                L = 1.0
+        gz = np.empty(m, dtype=np.float64)
+        gram_axpy(GW, z, gz, m)
+        y = z.copy()
+        gy = gz.copy()
+        zn = np.empty(m, dtype=np.float64)
+        gzn = np.empty(m, dtype=np.float64)
+        t = 1.0
+        f_prev = 0.0
+        if restart == 1:
+            f_prev, _ = subproblem_gap(z, gz, c, w, x2[i], m, positive)
+        it = 0
+        gap = np.inf
+        fresh = True
+        while it < budget[i]:
+            it += 1
+            for a in range(m):
+                vstep = y[a] - (gy[a] - c[a]) / L
+                tt = w[a] / L
+                if vstep > tt:
+                    zn[a] = vstep - tt
+                elif vstep < -tt and not positive:
+                    zn[a] = vstep + tt
+                else:
+                    zn[a] = 0.0
+            gram_axpy(GW, zn, gzn, m)
+            # majorisation: (zn - y).G(zn - y) <= L ||zn - y||^2
+            dGd = 0.0
+            dd = 0.0
+            mom = 0.0
+            for a in range(m):
+                d = zn[a] - y[a]
+                dGd += d * (gzn[a] - gy[a])
+                dd += d * d
+                mom += (y[a] - zn[a]) * (zn[a] - z[a])
+            if dGd > L * dd * (1.0 + 1e-12):
+                L *= 1.5
+                for a in range(m):
+                    y[a] = z[a]
+                    gy[a] = gz[a]
+                t = 1.0
+                continue
+            reset = False
+            if restart == 2:
+                reset = mom > 0.0
+            elif restart == 1:
+                f_new, _ = subproblem_gap(zn, gzn, c, w, x2[i], m, positive)
+                if f_new > f_prev + 1e-15 * (abs(f_prev) + x2[i]) and not fresh:
+                    # reject: restart the momentum from z
+                    for a in range(m):
+                        y[a] = z[a]
+                        gy[a] = gz[a]
+                    t = 1.0
+                    fresh = True
+                    continue
+                f_prev = f_new
+            fresh = False
+            if reset:
+                t = 1.0
+            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+            beta = (t - 1.0) / t_next
+            for a in range(m):
+                y[a] = zn[a] + beta * (zn[a] - z[a])
+                gy[a] = gzn[a] + beta * (gzn[a] - gz[a])
+                z[a] = zn[a]
+                gz[a] = gzn[a]
+            t = t_next
+            if it % check_every == 0 or it == budget[i]:
+                _, gap = subproblem_gap(z, gz, c, w, x2[i], m, positive)
+                if gap <= target[i]:
+                    break
+        for a in range(m):
+            A[i, idx[a]] = z[a]
+        n_iter[i] = it
+        gaps[i] = gap
+
+
+gram_axpy = nb.njit(cache=True)(_gram_axpy)
+subproblem_gap = nb.njit(cache=True)(_subproblem_gap)
+fista_subproblems = nb.njit(parallel=True, cache=True)(_fista_subproblems)
+fista_subproblems_serial = nb.njit(cache=True)(_fista_subproblems)
+
+
+def _heap_push_smallest(hv, hi, size, v, j):
+    """Keep the ``len(hv)`` smallest values seen in the max-heap ``hv`` (indices in ``hi``),
+    of which ``size`` slots are filled; returns the new fill."""
+    cap = hv.shape[0]
+    if size < cap:
+        p = size
+        size += 1
+    elif v < hv[0]:
+        p = 0  # replace the root and sift it down
+        while True:
+            c = 2 * p + 1
+            if c >= cap:
+                break
+            if c + 1 < cap and hv[c + 1] > hv[c]:
+                c += 1
+            if hv[c] <= v:
+                break
+            hv[p] = hv[c]
+            hi[p] = hi[c]
+            p = c
+        hv[p] = v
+        hi[p] = j
+        return size
+    else:
+        return size
+    while p > 0:  # sift the new leaf up
+        q = (p - 1) // 2
+        if hv[q] >= v:
+            break
+        hv[p] = hv[q]
+        hi[p] = hi[q]
+        p = q
+    hv[p] = v
+    hi[p] = j
+    return size
+
+
+def _certify_select(A, G, C, x2, thr, inv_norm, positive, m0, primal, gap, W, sizes):
+    """Per row: the full duality gap of ``A[i]`` from Gram quantities (``D r = c - a G``,
+    ``||r||^2 = ||x||^2 - 2 a.c + a.G a``, as ``lasso._primal_dual_gram``) and the next working
+    set: the support of ``A[i]``, then the atoms whose dual constraint is nearest to violated,
+    ``(alpha_j - s |d_j . r|) / ||d_j||`` smallest (celer's ranking), ``max(m0, 2 nnz)`` atoms
+    in all (at most ``n_atoms``). ``W[i, :sizes[i]]`` receives the set, in no order."""
+    n, k = A.shape
+    for i in nb.prange(n):
+        q = row_times_gram(A, G, i)
+        ac = 0.0
+        aq = 0.0
+        l1 = 0.0
+        nnz = 0
+        s = 1.0
+        for j in range(k):
+            a = A[i, j]
+            corr = C[i, j] - q[j]
+            q[j] = corr if positive else abs(corr)  # q now holds the constrained correlation
+            if a != 0.0:
+                ac += a * C[i, j]
+                aq += a * (C[i, j] - corr)
+                l1 += thr[j] * abs(a)
+                nnz += 1
+            if q[j] > 0.0 and thr[j] < s * q[j]:
+                s = thr[j] / q[j]
+        r2 = max(x2[i] - 2.0 * ac + aq, 0.0)
+        p_i = 0.5 * r2 + l1
+        primal[i] = p_i
+        gap[i] = max(p_i - (s * (x2[i] - ac) - 0.5 * s * s * r2), 0.0)
+
+        size = min(k, max(m0, 2 * nnz))
+        sizes[i] = size
+        pos = 0
+        for j in range(k):
+            if A[i, j] != 0.0:
+                W[i, pos] = j
+                pos += 1
+        need = size - nnz
+        if need <= 0:
+            continue
+        hv = np.empty(need, dtype=np.float64)
+        hi = np.empty(need, dtype=np.int64)
+        fill = 0
+        for j in range(k):
+            if A[i, j] == 0.0:
+                v = (thr[j] - s * q[j]) * inv_norm[j] if inv_norm[j] > 0.0 else np.inf
+                if fill < need or v < hv[0]:  # the common case, no call (calls cost ~20 ns)
+                    fill = heap_push_smallest(hv, hi, fill, v, j)
+        for b in range(fill):
+            W[i, pos + b] = hi[b]
+
+
+heap_push_smallest = nb.njit(cache=True)(_heap_push_smallest)
+certify_select = nb.njit(parallel=True, cache=True)(_certify_select)
+certify_select_serial = nb.njit(cache=True)(_certify_select)

@@ -5,6 +5,7 @@ Objective per sample: 0.5 * ||x - a @ D||^2 + sum_j alpha_j |a_j|  (a >= 0 if po
 All references below are computed independently in NumPy float64 (or by scikit-learn).
 """
 
+import functools
 import warnings
 
 import numpy as np
@@ -22,7 +23,7 @@ from sparsecode.result import ConvergenceHistory, SparseCodingResult
 
 from conftest import asxp, assert_in_namespace, make_problem, npx
 
-SOLVERS = {"ista": ista, "fista": fista}
+SOLVERS = {"ista": ista, "fista": fista, "fista-ws": functools.partial(fista, working_set=True)}
 
 
 # --------------------------------------------------------------------------- NumPy references
@@ -104,12 +105,12 @@ def problem_np(n, f, k, seed=0, scale=0.2, positive=False):
 @pytest.mark.parametrize(
     "shape", [(5, 10, 15), (5, 10, 6), (1, 6, 1), (4, 3, 9)], ids=["overcomplete", "undercomplete", "one-atom", "wide"]
 )
-@pytest.mark.parametrize("method", ["fista", "ista"])
+@pytest.mark.parametrize("method", ["fista", "ista", "fista-ws"])
 def test_kkt_and_certificate_at_the_solution(xp, method, shape, positive):
     X, D, alpha = problem_np(*shape, seed=sum(shape), scale=0.3, positive=positive)
     tol = 1e-11
     res = SOLVERS[method](asxp(xp, X), asxp(xp, D), alpha, tol=tol, max_iter=20000, positive=positive)
-    assert isinstance(res, SparseCodingResult) and res.method == method
+    assert isinstance(res, SparseCodingResult) and res.method == method.split("-")[0]
     for v in (res.codes, res.objective, res.gap, res.relative_gap, res.converged, res.n_iter):
         assert_in_namespace(v, xp)
     assert res.codes.dtype == xp.float64 and tuple(res.codes.shape) == (shape[0], shape[2])
@@ -129,7 +130,7 @@ def test_kkt_and_certificate_at_the_solution(xp, method, shape, positive):
 
 
 @pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
-@pytest.mark.parametrize("method", ["fista", "ista"])
+@pytest.mark.parametrize("method", ["fista", "ista", "fista-ws"])
 def test_gap_bounds_the_true_suboptimality(xp, method, positive):
     """Along the iterations, 0 <= P(a) - P* <= gap(a), with P* from scikit-learn at tol 1e-13."""
     X, D, alpha = problem_np(4, 8, 12, seed=7, scale=0.15, positive=positive)
@@ -176,6 +177,10 @@ _VARIANTS = {
     "fista-backtracking": (fista, {"backtracking": True}),
     "fista-restart-backtracking": (fista, {"restart": "gradient", "backtracking": True}),
     "fista-check-every-1": (fista, {"check_every": 1}),
+    "fista-working-set": (fista, {"working_set": True}),
+    "fista-working-set-restart-gradient": (fista, {"working_set": True, "restart": "gradient"}),
+    "fista-working-set-restart-function": (fista, {"working_set": True, "restart": "function"}),
+    "fista-working-set-lipschitz": (fista, {"working_set": True, "lipschitz": 50.0}),
 }
 _RESTART_FUNCTION_STALLS = (
     "lasso.py bug: restart='function' rejects a step whenever the objective rises by rounding "
@@ -349,7 +354,7 @@ def _alpha_for(mode, amax):
     dtype=st.sampled_from(["float32", "float64"]),
     mode=st.sampled_from(["zero", "tiny", "mid", "at", "above"]),
     positive=st.booleans(),
-    method=st.sampled_from(["fista", "ista"]),
+    method=st.sampled_from(["fista", "ista", "fista-ws"]),
     single=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -684,7 +689,8 @@ def test_no_nan_from_finite_degenerate_input(xp, case):
     Xx, Dx = asxp(xp, X), asxp(xp, D)
     alpha_x = alpha if np.isscalar(alpha) else asxp(xp, alpha)
     for positive in (False, True):
-        for variant in ("ista", "fista", "fista-restart-function", "fista-restart-gradient", "fista-backtracking"):
+        for variant in ("ista", "fista", "fista-restart-function", "fista-restart-gradient", "fista-backtracking",
+                        "fista-working-set", "fista-working-set-restart-function"):
             solver, opts = _VARIANTS[variant]
             res = solver(Xx, Dx, alpha_x, max_iter=50, positive=positive, **opts)
             for v in (res.codes, res.objective, res.gap, res.relative_gap):
@@ -710,6 +716,7 @@ def _call(fn_name, X, D, alpha=0.1, **kw):
         "fista": lambda: fista(X, D, alpha, **kw),
         "ista": lambda: ista(X, D, alpha, **kw),
         "sparse_encode": lambda: sparse_encode(X, D, method="fista", alpha=alpha, **kw),
+        "fista-ws": lambda: fista(X, D, alpha, working_set=True, **kw),
         "lasso_objective": lambda: lasso_objective(X, D, kw.get("A", _zeros_like_codes(X, D)), alpha),
         "duality_gap": lambda: duality_gap(X, D, kw.get("A", _zeros_like_codes(X, D)), alpha),
         "alpha_max": lambda: alpha_max(X, D),
@@ -769,7 +776,7 @@ _ALPHA_BAD = [
 ]
 
 
-@pytest.mark.parametrize("fn", ["fista", "ista", "sparse_encode", "lasso_objective", "duality_gap", "alpha_max"])
+@pytest.mark.parametrize("fn", ["fista", "ista", "sparse_encode", "fista-ws", "lasso_objective", "duality_gap", "alpha_max"])
 def test_bad_problem_input_is_refused_with_the_argument_named(xp, fn):
     for label, X, D, alpha, exc, pattern in _bad_inputs(xp):
         with pytest.raises(exc, match=pattern):
@@ -777,7 +784,7 @@ def test_bad_problem_input_is_refused_with_the_argument_named(xp, fn):
             pytest.fail(f"{fn} accepted {label}")
 
 
-@pytest.mark.parametrize("fn", ["fista", "ista", "sparse_encode", "lasso_objective", "duality_gap"])
+@pytest.mark.parametrize("fn", ["fista", "ista", "sparse_encode", "fista-ws", "lasso_objective", "duality_gap"])
 def test_bad_alpha_is_refused(xp, fn):
     rng = np.random.default_rng(0)
     X, D = asxp(xp, rng.standard_normal((3, 5))), asxp(xp, rng.standard_normal((4, 5)))
@@ -789,7 +796,7 @@ def test_bad_alpha_is_refused(xp, fn):
             _call(fn, X, D, asxp(xp, alpha))
 
 
-@pytest.mark.parametrize("method", ["fista", "ista"])
+@pytest.mark.parametrize("method", ["fista", "ista", "fista-ws"])
 def test_bad_options_are_refused(xp, method):
     rng = np.random.default_rng(0)
     X, D = asxp(xp, rng.standard_normal((3, 5))), asxp(xp, rng.standard_normal((4, 5)))
@@ -814,9 +821,12 @@ def test_bad_options_are_refused(xp, method):
         (dict(init=other.zeros((3, 4))), TypeError, r"init comes from .* but X from"),
         (dict(init="zeros"), TypeError, r"init must be an array"),
     ]
-    if method == "fista":
+    if method.startswith("fista"):
         cases.append((dict(restart="always"), ValueError, r"restart must be None, 'function' or 'gradient'"))
-    else:
+    if method == "fista-ws":
+        cases.append((dict(backtracking=True), ValueError, r"backtracking does not apply with working_set=True"))
+        cases.append((dict(gradient="explicit"), ValueError, r"working_set=True works in the Gram form"))
+    if method == "ista":
         cases.append((dict(restart="function"), ValueError, r"restart applies to FISTA only"))
     for opts, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
@@ -846,3 +856,105 @@ def test_init_as_list_and_foreign_alpha(xp):
     if xp.__name__ == "numpy" or "numpy" in xp.__name__:
         with pytest.raises(TypeError, match="alpha"):
             fista(Xx, Dx, xs.asarray(w))
+
+
+# --------------------------------------------------------------------------- working sets
+def _sparse_problem(n=6, f=24, k=120, nnz=4, seed=0, positive=False):
+    """Signals made of few atoms of a larger dictionary, alpha giving sparse codes."""
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((k, f))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    A = np.zeros((n, k))
+    for i in range(n):
+        A[i, rng.choice(k, nnz, replace=False)] = rng.standard_normal(nnz) if not positive else rng.random(nnz) + 0.5
+    X = A @ D + 0.01 * rng.standard_normal((n, f))
+    C = X @ D.T
+    return X, D, 0.1 * float(C.max() if positive else np.abs(C).max())
+
+
+@pytest.mark.parametrize("positive", [False, True], ids=["signed", "positive"])
+@pytest.mark.parametrize("restart", [None, "function", "gradient"])
+def test_working_set_solves_on_sets_smaller_than_the_dictionary(xp, restart, positive):
+    """Sets grow from the support and the most violated constraints, never to the whole
+    dictionary here, and the answer is the Lasso's: KKT, certified gap, scikit-learn's optimum."""
+    X, D, alpha = _sparse_problem(seed=3, positive=positive)
+    res = fista(asxp(xp, X), asxp(xp, D), alpha, tol=1e-10, max_iter=5000, positive=positive,
+                restart=restart, working_set=True)
+    assert res.all_converged, npx(res.relative_gap)
+    assert res.info["working_set"] and res.info["rounds"] >= 2
+    assert 0 < res.info["largest_set"] < D.shape[0] // 2
+    A, gap, obj = npx(res.codes), npx(res.gap), npx(res.objective)
+    np.testing.assert_allclose(gap, np.maximum(ref_gap(X, D, A, alpha, positive), 0), rtol=1e-6, atol=1e-13 * obj.max())
+    assert np.all(kkt_violation(X, D, A, alpha, positive) <= kkt_tolerance(D, gap, alpha, obj))
+    p_star = ref_objective(X, D, sk_reference(X, D, alpha, positive), alpha)
+    np.testing.assert_allclose(ref_objective(X, D, A, alpha), p_star, rtol=1e-8)
+
+
+def test_working_set_kernels_match_their_portable_twins():
+    """The Numba kernels (NumPy) and the batched array-API code (every other namespace) compute
+    the same certificate, the same sets and the same FISTA iterates."""
+    from sparsecode.lasso import (
+        _ws_certify_select_numpy,
+        _ws_certify_select_portable,
+        _ws_subproblems_numpy,
+        _ws_subproblems_portable,
+    )
+
+    for seed, positive in [(0, False), (1, True), (2, False)]:
+        X, D, alpha = _sparse_problem(n=5, f=16, k=60, seed=seed, positive=positive)
+        rng = np.random.default_rng(seed)
+        A = np.where(rng.random((5, 60)) < 0.1, rng.standard_normal((5, 60)), 0.0)
+        if positive:
+            A = np.abs(A)
+        A[0] = 0.0  # a row without support
+        thr = alpha * (0.5 + rng.random(60))  # per-atom weights
+        norms = np.linalg.norm(D, axis=1)
+        G, C, x2 = D @ D.T, X @ D.T, np.sum(X * X, axis=1)
+        p1, g1, W1, s1 = _ws_certify_select_numpy(A, X, D, thr, 1 / norms, positive, 8, G=G, C=C, x2=x2)
+        p2, g2, W2, s2 = _ws_certify_select_portable(xs.asarray(A), xs.asarray(X), xs.asarray(D), xs.asarray(thr),
+                                                     xs.asarray(1 / norms), positive, 8, xs)
+        np.testing.assert_allclose(p1, npx(p2), rtol=1e-12)
+        np.testing.assert_allclose(g1, npx(g2), rtol=1e-9, atol=1e-12 * p1.max())
+        np.testing.assert_array_equal(s1, npx(s2))
+        W2 = npx(W2)
+        for i in range(5):
+            assert set(W1[i, : s1[i]]) == set(W2[i, : s1[i]])
+            assert set(np.flatnonzero(A[i])) <= set(W1[i, : s1[i]])  # the support is always in
+        budget, target = np.full(5, 25), np.zeros(5)
+        for restart in (0, 2):
+            A1, it1 = _ws_subproblems_numpy(G, C, x2, A, W1, s1, thr, positive, budget, target, restart, 5, 0.0)
+            A2, it2 = _ws_subproblems_portable(*(xs.asarray(v) for v in (G, C, x2, A, W1, s1, thr)), positive,
+                                               xs.asarray(budget), xs.asarray(target), restart, 5, 0.0, xs)
+            np.testing.assert_array_equal(it1, npx(it2))
+            np.testing.assert_allclose(A1, npx(A2), rtol=1e-9, atol=1e-12)
+            for i in range(5):  # nothing outside the set moves
+                out = np.setdiff1d(np.arange(60), W1[i, : s1[i]])
+                assert np.all(A1[i, out] == 0)
+
+
+def test_working_set_warm_start_history_callback_and_budget(xp):
+    X, D, alpha = _sparse_problem(n=5, seed=4)
+    X[2] = 0.0  # certified before any work
+    Xx, Dx = asxp(xp, X), asxp(xp, D)
+    res = fista(Xx, Dx, alpha, tol=1e-10, max_iter=5000, working_set=True, history=True)
+    n_it = npx(res.n_iter)
+    assert res.all_converged and n_it[2] == 0 and n_it.max() > 0
+    h = res.history
+    assert len(h) == res.info["rounds"] + 1  # one record per certification
+    assert np.all(np.diff(h.time) >= 0) and np.all(np.diff(h.iteration) >= 0) and h.iteration[-1] == n_it.max()
+    assert np.all(h.gap >= 0) and h.gap[-1] < 1e-6 * h.gap[0]
+    assert h.objective[-1] == pytest.approx(float(np.mean(npx(res.objective))), rel=1e-10)
+    # warm start from the solution: certified at the first check, no iteration at all
+    warm = fista(Xx, Dx, alpha, tol=1e-10, working_set=True, init=res.codes)
+    assert warm.all_converged and np.all(npx(warm.n_iter) == 0) and warm.info["rounds"] == 0
+    # a callback returning True stops after the first round
+    calls = []
+    stop = fista(Xx, Dx, alpha, tol=1e-12, working_set=True, callback=lambda r, A: calls.append(r) or True)
+    assert calls == [1] and stop.info["rounds"] == 1 and not stop.all_converged
+    # the iteration budget is a budget of inner iterations per sample
+    short = fista(Xx, Dx, alpha, tol=1e-12, working_set=True, max_iter=7)
+    assert np.all(npx(short.n_iter) <= 7) and not short.all_converged
+    # sparse_encode passes the option through
+    np.testing.assert_allclose(
+        npx(sparse_encode(Xx, Dx, alpha=alpha, tol=1e-10, max_iter=5000, working_set=True)), npx(res.codes), atol=1e-12
+    )
