@@ -270,3 +270,51 @@ def normalise_rows(W, floor, out):
         for q in range(d):
             o[q] = w[q] / nrm
     return out
+
+
+# --------------------------------------------------------------------------- matching pursuit
+@nb.njit(parallel=True, **_FLAGS)
+def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
+    """``k`` matching-pursuit steps per row with the correlations kept up to date through the
+    Gram matrix ``Gm = W @ W.T``: the portable loop of ``sae._mp_forward`` (Gram branch) row
+    by row, operation for operation. ``j = argmax |C|`` (first maximum),
+    ``c = C[j]`` (0 once ``||r||^2 <= tol`` when ``use_tol``), ``r -= c W[j]``,
+    ``C -= c Gm[j]``. Writes ``js``, ``cs``, ``act`` (n, k), the residual before each step in
+    ``Rh`` (k, n, d) when ``record``, and the final residual in ``r_out``."""
+    n, m = C0.shape
+    d = xc.shape[1]
+    for i in nb.prange(n):
+        C = C0[i].copy()
+        r = xc[i].copy()
+        for t in range(k):
+            best = 0
+            bv = abs(C[0])
+            for j in range(1, m):
+                a = abs(C[j])
+                if a > bv:
+                    bv = a
+                    best = j
+            c = C[best]
+            active = True
+            if use_tol:
+                s = r[0] * 0.0
+                for q in range(d):
+                    s += r[q] * r[q]
+                active = s > tol
+                if not active:
+                    c = c * 0.0
+            js[i, t] = best
+            cs[i, t] = c
+            act[i, t] = active
+            if record:
+                for q in range(d):
+                    Rh[t, i, q] = r[q]
+            w = W[best]
+            for q in range(d):
+                r[q] = r[q] - c * w[q]
+            if t + 1 < k:
+                g = Gm[best]
+                for j in range(m):
+                    C[j] = C[j] - c * g[j]
+        for q in range(d):
+            r_out[i, q] = r[q]

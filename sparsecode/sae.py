@@ -211,6 +211,29 @@ def _top_k_mask(score, k, xp):
     return ranks < k
 
 
+def _batch_top_k_mask(a, K, xp):
+    """Mask of the ``K`` largest entries of the whole array ``a`` (ties to the lowest flat index)."""
+    kern = get_kernel("sae_batch_top_k_mask", xp)
+    if kern is not None:
+        out = kern(a, K)
+        if out is not None:
+            return out
+    flat = xp.reshape(a, (1, a.shape[0] * a.shape[1]))
+    return xp.reshape(_top_k_mask(flat, K, xp), a.shape)
+
+
+@register_kernel("sae_batch_top_k_mask", "numpy")
+def _batch_top_k_mask_np(a, K):
+    """One partition finds the K-th largest value; when the entries tied with it all fit (the
+    usual case) the mask is ``a >= kth``, else ``None`` (the tie-breaking portable code)."""
+    N = a.size
+    if K >= N or K <= 0 or np.isnan(a).any():
+        return None
+    kth = np.partition(a.reshape(-1), N - K)[N - K]
+    mask = a >= kth
+    return mask if np.count_nonzero(mask) == K else None
+
+
 # ---------------------------------------------------------------- k-sparse codes (idx, vals)
 # Fixed-k encoders (TopK, AbsTopK, and AuxK's k_aux) keep their codes as ``idx (n, k)`` ints and
 # ``vals (n, k)``: every product then costs O(n k d) instead of O(n d_sae d). Portable versions
@@ -827,11 +850,11 @@ def _afa_mask_np(a, nu, xc, K=64):
     n, m = s.shape
     B = np.sqrt(np.sum(xc * xc, axis=1))
     K = min(K, m)
-    idx = np.argpartition(-s, K - 1, axis=1)[:, :K] if K < m else np.broadcast_to(np.arange(m), (n, m))
-    sv = np.take_along_axis(s, idx, axis=1)
-    order = np.argsort(-sv, axis=1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=1)
-    cum = np.sqrt(np.cumsum(np.take_along_axis(sv, order, axis=1), axis=1))
+    if 16 * K <= m:  # the K best per row, best first, ties to the lowest index (Numba heap)
+        idx = _nb().topk_rows(np.ascontiguousarray(s), K, np.empty((n, K), dtype=np.int64))
+    else:
+        idx = np.argsort(-s, axis=1, kind="stable")[:, :K]
+    cum = np.sqrt(np.cumsum(np.take_along_axis(s, idx, axis=1), axis=1))
     kstar = np.argmin(np.abs(cum - B[:, None]), axis=1) + 1
     mask = np.zeros((n, m), dtype=bool)
     np.put_along_axis(mask, idx, np.arange(K)[None, :] < kstar[:, None], axis=1)
@@ -866,6 +889,12 @@ def _mp_forward(sae, xc, xp, record=False):
     use_gram = int(sae.k) * n > m
     Gm = W @ W.T if use_gram else None
     C = r @ W.T
+    kern = get_kernel("sae_mp_gram", xp) if use_gram else None
+    if kern is not None:  # the loop below, fused per row (NumPy: Numba)
+        idx, vals, acts, Rh, r = kern(C, xc, W, Gm, int(sae.k), sae.mp_tol, record)
+        if record:
+            steps = [(idx[:, t], vals[:, t], None if acts is None else acts[:, t], Rh[t]) for t in range(int(sae.k))]
+        return _ks_dense_sum(idx, vals, m, xp), r, steps
     for t in range(int(sae.k)):
         if t > 0 and not use_gram:
             C = r @ W.T
@@ -895,6 +924,20 @@ def _ks_dense_sum(idx, vals, m, xp):
     if kern is not None:
         return kern(idx, vals, m)
     return _ks_dense(idx, vals, m, xp)  # the portable version adds every pair
+
+
+@register_kernel("sae_mp_gram", "numpy")
+def _mp_gram_np(C, xc, W, Gm, k, tol, record):
+    n, d = xc.shape
+    js = np.empty((n, k), dtype=np.int64)
+    cs = np.empty((n, k), dtype=xc.dtype)
+    act = np.empty((n, k), dtype=np.bool_)
+    Rh = np.empty((k, n, d) if record else (1, 1, 1), dtype=xc.dtype)
+    r = np.empty_like(xc)
+    use_tol = tol is not None
+    _nb().mp_gram(np.ascontiguousarray(C), np.ascontiguousarray(xc), np.ascontiguousarray(W), Gm, k,
+                  float(tol) if use_tol else 0.0, use_tol, bool(record), js, cs, act, Rh, r)
+    return js, cs, (act if use_tol else None), (Rh if record else None), r
 
 
 @register_kernel("sae_ks_dense_sum", "numpy")
@@ -1096,8 +1139,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         active = z > 0
     elif arch == "batchtopk":
         a = _relu(z, xp)
-        flat = xp.reshape(a, (1, n * sae.d_sae))
-        active = xp.logical_and(xp.reshape(_top_k_mask(flat, min(sae.k * n, n * sae.d_sae), xp), z.shape), z > 0)
+        active = xp.logical_and(_batch_top_k_mask(a, min(sae.k * n, n * sae.d_sae), xp), z > 0)
     elif arch == "jumprelu":
         theta = xp.exp(P["log_threshold"])
         active = z > theta

@@ -1,0 +1,193 @@
+"""The NumPy (Numba) kernels of SAE training against the portable code they stand beside."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import sparsecode.backend as backend
+from sparsecode import _sae_numba as K
+from sparsecode import sae as sae_mod
+from sparsecode.sae_train import Adam, _project_rows, _renormalise, _sumsq
+
+SETTINGS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _portable(name, monkeypatch):
+    """Drop the NumPy kernel ``name`` so that the portable code runs on NumPy."""
+    monkeypatch.delitem(backend._KERNELS, (name, "numpy"))
+
+
+# --------------------------------------------------------------------------- top-k per row
+@settings(**SETTINGS)
+@given(n=st.integers(1, 6), m=st.integers(1, 80), k=st.integers(1, 80), levels=st.integers(2, 50),
+       seed=st.integers(0, 10_000), dt=st.sampled_from(["float32", "float64"]))
+def test_topk_rows_matches_stable_argsort_with_ties(n, m, k, levels, seed, dt):
+    k = min(k, m)
+    rng = np.random.default_rng(seed)
+    score = rng.integers(0, levels, (n, m)).astype(dt)  # many ties
+    score[rng.random((n, m)) < 0.1] = -np.inf
+    out = K.topk_rows(score, k, np.empty((n, k), dtype=np.int64))
+    ref = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(out, ref)  # same set, same order (best first, ties by index)
+
+
+def test_topk_indices_kernel_agrees_with_portable(monkeypatch):
+    rng = np.random.default_rng(0)
+    score = rng.standard_normal((50, 400)).astype(np.float32)
+    got = sae_mod._topk_indices(score, 7, np)  # 16 k <= m: the heap kernel
+    _portable("sae_topk_indices", monkeypatch)
+    ref = sae_mod._topk_indices(score, 7, np)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(ref, axis=1))
+
+
+# --------------------------------------------------------------------------- sparse products
+@settings(**SETTINGS)
+@given(n=st.integers(1, 9), m=st.integers(1, 40), d=st.integers(1, 12), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 10_000), dt=st.sampled_from(["float32", "float64"]))
+def test_pattern_products_match_dense(n, m, d, density, seed, dt):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n, m)) < density  # empty rows and columns included
+    F = np.where(mask, rng.standard_normal((n, m)), 0).astype(dt)
+    W = rng.standard_normal((m, d)).astype(dt)
+    G = rng.standard_normal((n, d)).astype(dt)
+    lay = sae_mod._PatternLayout(mask)
+    V = lay.gather(F)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lay.decode(V, W), F @ W, **tol)
+    np.testing.assert_allclose(lay.tmatmul(V, G), F.T @ G, **tol)
+    out = lay.rtmatmul(V, G)
+    assert out.flags.c_contiguous and out.shape == (d, m)
+    np.testing.assert_allclose(out, G.T @ F, **tol)
+    np.testing.assert_allclose(lay.sample(G, W), (G @ W.T)[mask], **tol)
+
+
+@pytest.mark.parametrize("dense_fraction", [-1.0, 2.0], ids=["blas", "numba"])
+@settings(**SETTINGS)
+@given(n=st.integers(1, 9), m=st.integers(1, 40), d=st.integers(1, 12), k=st.integers(1, 40),
+       seed=st.integers(0, 10_000))
+def test_k_sparse_kernels_match_portable(dense_fraction, n, m, d, k, seed):
+    k = min(k, m)
+    rng = np.random.default_rng(seed)
+    idx = np.argsort(rng.random((n, m)), axis=1)[:, :k]
+    vals = rng.standard_normal((n, k))
+    W = rng.standard_normal((m, d))
+    G = rng.standard_normal((n, d))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sae_mod, "_KS_DENSE_FRACTION", dense_fraction)
+    try:
+        got = [sae_mod._ks_decode(idx, vals, W, np), sae_mod._ks_sample(idx, G, W, np),
+               sae_mod._ks_tmatmul(idx, vals, G, m, np), sae_mod._ks_rtmatmul(idx, vals, G, m, np),
+               sae_mod._ks_colsum(idx, vals, m, np)]
+        for name in ("sae_ks_decode", "sae_ks_sample", "sae_ks_tmatmul", "sae_ks_rtmatmul", "sae_ks_colsum",
+                     "sae_ks_dense"):
+            mp.delitem(backend._KERNELS, (name, "numpy"))
+        ref = [sae_mod._ks_decode(idx, vals, W, np), sae_mod._ks_sample(idx, G, W, np),
+               sae_mod._ks_tmatmul(idx, vals, G, m, np), sae_mod._ks_rtmatmul(idx, vals, G, m, np),
+               sae_mod._ks_colsum(idx, vals, m, np)]
+    finally:
+        mp.undo()
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_add_rows_kernel_matches_portable(monkeypatch):
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((9, 4))
+    mask = rng.random(9) < 0.5
+    R = rng.standard_normal((int(mask.sum()), 4))
+    got = sae_mod._add_rows(A.copy(), mask, R, np)
+    _portable("sae_add_rows", monkeypatch)
+    np.testing.assert_array_equal(sae_mod._add_rows(A.copy(), mask, R, np), got)
+    got_1d = sae_mod._add_rows(A[:, 0].copy(), mask, R[:, 0], np)
+    np.testing.assert_array_equal(got_1d, A[:, 0] + _scatter(mask, R[:, 0]))
+
+
+def _scatter(mask, r):
+    out = np.zeros(mask.shape[0])
+    out[mask] = r
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_batch_top_k_mask_matches_portable(ties, monkeypatch):
+    rng = np.random.default_rng(1)
+    a = np.maximum(rng.standard_normal((20, 30)), 0)
+    if ties:
+        a = np.round(a, 1)
+    got = sae_mod._batch_top_k_mask(a, 50, np)
+    _portable("sae_batch_top_k_mask", monkeypatch)
+    np.testing.assert_array_equal(got, sae_mod._batch_top_k_mask(a, 50, np))
+    assert int(got.sum()) == 50
+
+
+# --------------------------------------------------------------------------- matching pursuit
+@pytest.mark.parametrize("mp_tol", [None, 2.0])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_mp_gram_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
+    sae = sae_mod.SparseAutoencoder.initialize(16, 40, "mpsae", k=6, seed=0, dtype=dt, mp_tol=mp_tol)
+    X = np.random.default_rng(1).standard_normal((30, 16)).astype(dt)  # k * n > d_sae: Gram branch
+    codes, r, steps = sae_mod._mp_forward(sae, X, np, record=True)
+    _portable("sae_mp_gram", monkeypatch)
+    codes0, r0, steps0 = sae_mod._mp_forward(sae, X, np, record=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(codes, codes0, **tol)
+    np.testing.assert_allclose(r, r0, **tol)
+    for (j, c, a, rt), (j0, c0, a0, rt0) in zip(steps, steps0):
+        np.testing.assert_array_equal(j, j0)
+        np.testing.assert_allclose(c, c0, **tol)
+        np.testing.assert_allclose(rt, rt0, **tol)
+        assert (a is None) == (a0 is None) and (a is None or np.array_equal(a, a0))
+
+
+# --------------------------------------------------------------------------- optimiser and rows
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_fused_adam_is_bit_identical_to_portable(dt, monkeypatch):
+    rng = np.random.default_rng(0)
+    shapes = {"W": (70, 90), "b": (90,), "tiny": (3,)}
+    P1 = {k: rng.standard_normal(s).astype(dt) for k, s in shapes.items()}
+    P2 = {k: v.copy() for k, v in P1.items()}
+    grads = [{k: rng.standard_normal(s).astype(dt) for k, s in shapes.items()} for _ in range(4)]
+    o1 = Adam(P1)
+    for i, G in enumerate(grads):
+        o1.step(P1, G, 1e-3 * (i + 1))
+    _portable("adam_update", monkeypatch)
+    o2 = Adam(P2)
+    for i, G in enumerate(grads):
+        o2.step(P2, G, 1e-3 * (i + 1))
+    for k in shapes:
+        np.testing.assert_array_equal(P1[k], P2[k])
+        np.testing.assert_array_equal(o1.m[k], o2.m[k])
+        np.testing.assert_array_equal(o1.v[k], o2.v[k])
+
+
+def test_fused_adam_does_not_modify_the_callers_parameter():
+    P = {"W": np.ones((80, 80))}
+    before = P["W"]
+    Adam(P).step(P, {"W": np.ones((80, 80))}, 0.1)
+    assert np.all(before == 1.0) and not np.all(P["W"] == 1.0)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_row_kernels_match_portable(dt, monkeypatch):
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((100, 64)).astype(dt)
+    W[3] = 0.0  # a zero row stays zero (norm floored)
+    Wn = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
+    G = rng.standard_normal((100, 64)).astype(dt)
+    tol = dict(rtol=1e-5, atol=1e-6) if dt == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    got = _project_rows(G.copy(), Wn, np)
+
+    class M:
+        params = {"W_dec": W}
+
+    _renormalise(M, np)
+    got_n = M.params["W_dec"]
+    s = _sumsq(G, np)
+    for name in ("sae_project_rows", "sae_normalise_rows", "sae_sumsq"):
+        _portable(name, monkeypatch)
+    np.testing.assert_allclose(got, _project_rows(G.copy(), Wn, np), **tol)
+    M.params = {"W_dec": W}
+    _renormalise(M, np)
+    np.testing.assert_allclose(got_n, M.params["W_dec"], **tol)
+    assert s == pytest.approx(_sumsq(G, np), rel=1e-5)
