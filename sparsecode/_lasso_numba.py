@@ -12,8 +12,24 @@ quantities with dense products; these kernels are registered beside it, used on 
 Products are accumulated in float64 (float32 Gram-form cancellation costs ~1e-6 otherwise).
 """
 
+import types
+
 import numba as nb
 import numpy as np
+
+
+def _twins(fn):
+    """(parallel, serial) compilations of ``fn``.
+
+    Numba's on-disk cache files an entry under the function's name, line and signature but
+    not under ``parallel``: two compilations of one function load each other's machine code,
+    and the "parallel" one can end up running the serial code. The serial twin is therefore
+    a copy of the function under another name, cached apart.
+    """
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                                fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    return nb.njit(parallel=True, cache=True)(fn), nb.njit(cache=True)(serial)
 
 
 def _row_times_gram(Y, G, i):
@@ -75,10 +91,8 @@ row_times_gram = nb.njit(cache=True)(_row_times_gram)
 prox_grad_row = nb.njit(cache=True)(_prox_grad_row)
 # The same loops compiled twice: waking the thread pool costs more than the whole step on
 # small problems (measured ~20 us serial vs ms parallel under load), so callers pick by size.
-prox_grad_gram = nb.njit(parallel=True, cache=True)(_prox_grad_gram)
-prox_grad_gram_serial = nb.njit(cache=True)(_prox_grad_gram)
-sparse_times_gram = nb.njit(parallel=True, cache=True)(_sparse_times_gram)
-sparse_times_gram_serial = nb.njit(cache=True)(_sparse_times_gram)
+prox_grad_gram, prox_grad_gram_serial = _twins(_prox_grad_gram)
+sparse_times_gram, sparse_times_gram_serial = _twins(_sparse_times_gram)
 
 
 # --------------------------------------------------------------------------- working sets
@@ -116,7 +130,7 @@ def _subproblem_gap(z, gz, c, w, x2, m, positive):
 
 
 def _fista_subproblems(G, C, x2, A, W, sizes, thr, positive, budget, target, restart,
-                       check_every, L_fixed, n_iter, gaps):
+                       check_every, L_fixed, L_state, n_iter, gaps):
     """FISTA on each row's working-set Lasso ``min_z 0.5 z.G_W z - c_W.z + sum w|z|``.
 
     Row ``i`` works on the atoms ``W[i, :sizes[i]]`` (which must contain the support of
@@ -124,113 +138,134 @@ def _fista_subproblems(G, C, x2, A, W, sizes, thr, positive, budget, target, res
     restricted duality gap is below ``target[i]``; ``A[i]`` is overwritten on those atoms.
     ``restart``: 0 none, 1 function (objective rise), 2 gradient (O'Donoghue & Candes).
     The step is ``1/L``: ``L_fixed`` when given (> 0), else found by backtracking from
-    ``max_a G_aa``: a step whose quadratic model fails to majorise (checked exactly and for
-    free from the ``G_W`` products already formed) is rejected and ``L`` grown by 1.5.
+    ``max(max_a G_aa, L_state[i])`` (the previous round's value): a step whose quadratic model
+    fails to majorise (checked exactly and for free from the ``G_W`` products already formed)
+    is rejected and ``L`` grown by 1.5. ``L_state[i]`` receives the final ``L``.
+
+    Rows are dealt to chunks round-robin (balancing easy and hard rows), and each chunk
+    allocates its scratch once: a (|W|, |W|) matrix per row would be an mmap and page faults.
     """
     n = A.shape[0]
-    for i in nb.prange(n):
-        m = sizes[i]
-        idx = W[i, :m]
-        GW = np.empty((m, m), dtype=np.float64)
-        c = np.empty(m, dtype=np.float64)
-        w = np.empty(m, dtype=np.float64)
-        z = np.empty(m, dtype=np.float64)
+    mmax = 0
+    for i in range(n):
+        mmax = max(mmax, sizes[i])
+    n_chunks = min(n, 64)
+    for ch in nb.prange(n_chunks):
+        GW = np.empty((mmax, mmax), dtype=np.float64)
+        c = np.empty(mmax, dtype=np.float64)
+        w = np.empty(mmax, dtype=np.float64)
+        z = np.empty(mmax, dtype=np.float64)
+        gz = np.empty(mmax, dtype=np.float64)
+        y = np.empty(mmax, dtype=np.float64)
+        gy = np.empty(mmax, dtype=np.float64)
+        zn = np.empty(mmax, dtype=np.float64)
+        gzn = np.empty(mmax, dtype=np.float64)
+        for i in range(ch, n, n_chunks):
+            m = sizes[i]
+            idx = np.sort(W[i, :m])  # ascending: the gather below walks each row of G forward
+            for a_ in range(m):
+                ja = idx[a_]
+                for b in range(a_, m):  # G_W is symmetric: read half of it
+                    v = G[ja, idx[b]]
+                    GW[a_, b] = v
+                    GW[b, a_] = v
+                c[a_] = C[i, ja]
+                w[a_] = thr[ja]
+                z[a_] = A[i, ja]
+            L = L_fixed
+            if L <= 0.0:  # backtracking from below: max_a G_aa <= ||G_W||_2
+                L = L_state[i]
+                for a_ in range(m):
+                    L = max(L, GW[a_, a_])
+                if L <= 0.0:
+                    L = 1.0
+            it, gap, L = fista_on_set(GW, c, w, z, gz, y, gy, zn, gzn, m, x2[i], L, positive, budget[i],
+                                      target[i], restart, check_every)
+            for a_ in range(m):
+                A[i, idx[a_]] = z[a_]
+            n_iter[i] = it
+            gaps[i] = gap
+            L_state[i] = L
+
+
+def _fista_on_set(GW, c, w, z, gz, y, gy, zn, gzn, m, x2, L, positive, budget, target, restart, check_every):
+    """The FISTA iterations of one row of ``_fista_subproblems`` on its gathered set; ``z``
+    (in/out) holds the codes. Returns (iterations, last restricted gap, final L)."""
+    gram_axpy(GW, z, gz, m)
+    for a in range(m):
+        y[a] = z[a]
+        gy[a] = gz[a]
+    t = 1.0
+    f_prev = 0.0
+    if restart == 1:
+        f_prev, _ = subproblem_gap(z, gz, c, w, x2, m, positive)
+    it = 0
+    gap = np.inf
+    fresh = True
+    while it < budget:
+        it += 1
         for a in range(m):
-            ja = idx[a]
-            for b in range(m):
-                GW[a, b] = G[ja, idx[b]]
-            c[a] = C[i, ja]
-            w[a] = thr[ja]
-            z[a] = A[i, ja]
-        # Backtracking from below (Beck & Teboulle): max_a G_aa <= ||G_W||_2, and a failed
-        # majorisation multiplies L by 1.5, so L ends within 1.5x of the set's own constant,
-        # itself well below ||D||^2. (A power iteration here cost more than the solve.)
-        L = L_fixed
-        if L <= 0.0:
+            vstep = y[a] - (gy[a] - c[a]) / L
+            tt = w[a] / L
+            if vstep > tt:
+                zn[a] = vstep - tt
+            elif vstep < -tt and not positive:
+                zn[a] = vstep + tt
+            else:
+                zn[a] = 0.0
+        gram_axpy(GW, zn, gzn, m)
+        # majorisation: (zn - y).G(zn - y) <= L ||zn - y||^2
+        dGd = 0.0
+        dd = 0.0
+        mom = 0.0
+        for a in range(m):
+            d = zn[a] - y[a]
+            dGd += d * (gzn[a] - gy[a])
+            dd += d * d
+            mom += (y[a] - zn[a]) * (zn[a] - z[a])
+        if dGd > L * dd * (1.0 + 1e-12):
+            L *= 1.5
             for a in range(m):
-                L = max(L, GW[a, a])
-            if L <= 0.0:
-                L = 1.0
-        gz = np.empty(m, dtype=np.float64)
-        gram_axpy(GW, z, gz, m)
-        y = z.copy()
-        gy = gz.copy()
-        zn = np.empty(m, dtype=np.float64)
-        gzn = np.empty(m, dtype=np.float64)
-        t = 1.0
-        f_prev = 0.0
-        if restart == 1:
-            f_prev, _ = subproblem_gap(z, gz, c, w, x2[i], m, positive)
-        it = 0
-        gap = np.inf
-        fresh = True
-        while it < budget[i]:
-            it += 1
-            for a in range(m):
-                vstep = y[a] - (gy[a] - c[a]) / L
-                tt = w[a] / L
-                if vstep > tt:
-                    zn[a] = vstep - tt
-                elif vstep < -tt and not positive:
-                    zn[a] = vstep + tt
-                else:
-                    zn[a] = 0.0
-            gram_axpy(GW, zn, gzn, m)
-            # majorisation: (zn - y).G(zn - y) <= L ||zn - y||^2
-            dGd = 0.0
-            dd = 0.0
-            mom = 0.0
-            for a in range(m):
-                d = zn[a] - y[a]
-                dGd += d * (gzn[a] - gy[a])
-                dd += d * d
-                mom += (y[a] - zn[a]) * (zn[a] - z[a])
-            if dGd > L * dd * (1.0 + 1e-12):
-                L *= 1.5
+                y[a] = z[a]
+                gy[a] = gz[a]
+            t = 1.0
+            continue
+        reset = False
+        if restart == 2:
+            reset = mom > 0.0
+        elif restart == 1:
+            f_new, _ = subproblem_gap(zn, gzn, c, w, x2, m, positive)
+            if f_new > f_prev + 1e-15 * (abs(f_prev) + x2) and not fresh:
+                # reject: restart the momentum from z
                 for a in range(m):
                     y[a] = z[a]
                     gy[a] = gz[a]
                 t = 1.0
+                fresh = True
                 continue
-            reset = False
-            if restart == 2:
-                reset = mom > 0.0
-            elif restart == 1:
-                f_new, _ = subproblem_gap(zn, gzn, c, w, x2[i], m, positive)
-                if f_new > f_prev + 1e-15 * (abs(f_prev) + x2[i]) and not fresh:
-                    # reject: restart the momentum from z
-                    for a in range(m):
-                        y[a] = z[a]
-                        gy[a] = gz[a]
-                    t = 1.0
-                    fresh = True
-                    continue
-                f_prev = f_new
-            fresh = False
-            if reset:
-                t = 1.0
-            t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
-            beta = (t - 1.0) / t_next
-            for a in range(m):
-                y[a] = zn[a] + beta * (zn[a] - z[a])
-                gy[a] = gzn[a] + beta * (gzn[a] - gz[a])
-                z[a] = zn[a]
-                gz[a] = gzn[a]
-            t = t_next
-            if it % check_every == 0 or it == budget[i]:
-                _, gap = subproblem_gap(z, gz, c, w, x2[i], m, positive)
-                if gap <= target[i]:
-                    break
+            f_prev = f_new
+        fresh = False
+        if reset:
+            t = 1.0
+        t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t * t))
+        beta = (t - 1.0) / t_next
         for a in range(m):
-            A[i, idx[a]] = z[a]
-        n_iter[i] = it
-        gaps[i] = gap
+            y[a] = zn[a] + beta * (zn[a] - z[a])
+            gy[a] = gzn[a] + beta * (gzn[a] - gz[a])
+            z[a] = zn[a]
+            gz[a] = gzn[a]
+        t = t_next
+        if it % check_every == 0 or it == budget:
+            _, gap = subproblem_gap(z, gz, c, w, x2, m, positive)
+            if gap <= target:
+                break
+    return it, gap, L
 
 
 gram_axpy = nb.njit(cache=True)(_gram_axpy)
 subproblem_gap = nb.njit(cache=True)(_subproblem_gap)
-fista_subproblems = nb.njit(parallel=True, cache=True)(_fista_subproblems)
-fista_subproblems_serial = nb.njit(cache=True)(_fista_subproblems)
+fista_on_set = nb.njit(cache=True)(_fista_on_set)
+fista_subproblems, fista_subproblems_serial = _twins(_fista_subproblems)
 
 
 def _heap_push_smallest(hv, hi, size, v, j):
@@ -323,5 +358,4 @@ def _certify_select(A, G, C, x2, thr, inv_norm, positive, m0, primal, gap, W, si
 
 
 heap_push_smallest = nb.njit(cache=True)(_heap_push_smallest)
-certify_select = nb.njit(parallel=True, cache=True)(_certify_select)
-certify_select_serial = nb.njit(cache=True)(_certify_select)
+certify_select, certify_select_serial = _twins(_certify_select)

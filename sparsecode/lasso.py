@@ -630,6 +630,7 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
     idx = xp.arange(n, device=dev)
     Xa, Ca, x2a, Aa = X64, C, x2, A
     iters = xp.zeros((n,), dtype=xp.int64, device=dev)
+    Ls = xp.zeros((n,), dtype=f64, device=dev)  # each sample's step constant, carried across rounds
     done_idx, done_A, done_it, done_p, done_g = [], [], [], [], []
     hist = {"iteration": [], "objective": [], "gap": [], "relative_gap": [], "time": []} if history else None
     elapsed, rounds, stop_user, largest_set = 0.0, 0, False, 0
@@ -648,8 +649,8 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
             sel, keep = xp.nonzero(finish)[0], xp.nonzero(xp.logical_not(finish))[0]
             for lst, M in ((done_idx, idx), (done_A, Aa), (done_it, iters), (done_p, primal), (done_g, gap)):
                 lst.append(xp.take(M, sel, axis=0))
-            idx, Aa, Xa, Ca, x2a, iters, primal, gap, W, sizes = (
-                xp.take(M, keep, axis=0) for M in (idx, Aa, Xa, Ca, x2a, iters, primal, gap, W, sizes))
+            idx, Aa, Xa, Ca, x2a, iters, Ls, primal, gap, W, sizes = (
+                xp.take(M, keep, axis=0) for M in (idx, Aa, Xa, Ca, x2a, iters, Ls, primal, gap, W, sizes))
         elapsed += time.perf_counter() - t0
         if history:
             p_all = xp.concat(done_p + [primal])
@@ -667,8 +668,8 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
         t0 = time.perf_counter()
         target = xp.maximum(0.5 * tol * primal, _WS_INNER_RATIO * gap)
         largest_set = max(largest_set, int(W.shape[1]))
-        Aa, n_it = solve(G, Ca, x2a, Aa, W, sizes, thr, positive, max_iter - iters, target,
-                         restart_code, check_every, L_fixed, xp)
+        Aa, n_it, Ls = solve(G, Ca, x2a, Aa, W, sizes, thr, positive, max_iter - iters, target,
+                             restart_code, check_every, L_fixed, Ls, xp)
         iters = iters + n_it
         rounds += 1
         elapsed += time.perf_counter() - t0
@@ -718,7 +719,7 @@ def _ws_certify_select_portable(A, X, D, thr, inv_norm, positive, m0, xp, **_):
 
 
 def _ws_subproblems_portable(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, check_every,
-                             L_fixed, xp):
+                             L_fixed, L_state, xp):
     """The portable twin of ``_lasso_numba.fista_subproblems``: the same iteration, batched
     over samples with the sets padded to one size (padding masked out), in blocks of samples."""
     n, m = W.shape
@@ -727,11 +728,11 @@ def _ws_subproblems_portable(G, C, x2, A, W, sizes, thr, positive, budget, targe
     for lo in range(0, n, step):
         sl = slice(lo, min(lo + step, n))
         parts.append(_ws_block(G, C[sl, ...], x2[sl], A[sl, ...], W[sl, ...], sizes[sl], thr, positive,
-                               budget[sl], target[sl], restart, check_every, L_fixed, xp))
-    return xp.concat([p[0] for p in parts], axis=0), xp.concat([p[1] for p in parts])
+                               budget[sl], target[sl], restart, check_every, L_fixed, L_state[sl], xp))
+    return tuple(xp.concat([p[j] for p in parts], axis=0) for j in range(3))
 
 
-def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, check_every, L_fixed, xp):
+def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, check_every, L_fixed, L_state, xp):
     from .pursuits import _gather_rows, _scatter_codes
 
     b, m = W.shape
@@ -761,9 +762,9 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
     col = lambda v: xp.reshape(v, (b, 1))  # noqa: E731
     if L_fixed > 0:
         L = xp.full((b,), L_fixed, dtype=G.dtype, device=dev)
-    else:  # backtracking from max_a G_aa, a lower bound of ||G_W||_2
-        diag = xp.max(xp.reshape(GW, (b, m * m))[:, ::m + 1], axis=1)
-        L = xp.where(diag > 0, diag, xp.ones_like(diag))
+    else:  # backtracking from max_a G_aa (a lower bound of ||G_W||_2) or the last round's L
+        L = xp.maximum(xp.max(xp.reshape(GW, (b, m * m))[:, ::m + 1], axis=1), L_state)
+        L = xp.where(L > 0, L, xp.ones_like(L))
     gz = mv(z)
     y, gy = z, gz
     t = xp.ones((b,), dtype=G.dtype, device=dev)
@@ -808,7 +809,7 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
             met = restricted(z, gz)[1] <= target
             running = running & ~(check & met)
         running = running & (it < budget)
-    return _scatter_codes(Wc, z, k, xp, dev), it
+    return _scatter_codes(Wc, z, k, xp, dev), it, L
 
 
 @register_kernel("lasso_ws_certify_select", "numpy")
@@ -831,7 +832,7 @@ def _ws_certify_select_numpy(A, X, D, thr, inv_norm, positive, m0, xp=None, *, G
 
 @register_kernel("lasso_ws_subproblems", "numpy")
 def _ws_subproblems_numpy(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, check_every,
-                          L_fixed, xp=None):
+                          L_fixed, L_state, xp=None):
     from ._lasso_numba import fista_subproblems, fista_subproblems_serial
 
     n, m = W.shape
@@ -839,10 +840,11 @@ def _ws_subproblems_numpy(G, C, x2, A, W, sizes, thr, positive, budget, target, 
     A = np.array(A, dtype=np.float64, order="C")  # a copy: the kernel writes the sets' codes into it
     n_it = np.zeros(n, dtype=np.int64)
     gaps = np.empty(n)
+    L_state = np.array(L_state, dtype=np.float64)  # a copy, returned updated
     fn(G, np.ascontiguousarray(C), x2, A, np.ascontiguousarray(W), np.ascontiguousarray(sizes, dtype=np.int64),
        thr, bool(positive), np.ascontiguousarray(budget, dtype=np.int64), np.ascontiguousarray(target),
-       int(restart), int(check_every), float(L_fixed), n_it, gaps)
-    return A, n_it
+       int(restart), int(check_every), float(L_fixed), L_state, n_it, gaps)
+    return A, n_it, L_state
 
 
 _GRAM_MAX_BYTES = 1 << 30  # above this the Gram matrix costs more memory than it saves

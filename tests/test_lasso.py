@@ -922,11 +922,15 @@ def test_working_set_kernels_match_their_portable_twins():
             assert set(np.flatnonzero(A[i])) <= set(W1[i, : s1[i]])  # the support is always in
         budget, target = np.full(5, 25), np.zeros(5)
         for restart in (0, 2):
-            A1, it1 = _ws_subproblems_numpy(G, C, x2, A, W1, s1, thr, positive, budget, target, restart, 5, 0.0)
-            A2, it2 = _ws_subproblems_portable(*(xs.asarray(v) for v in (G, C, x2, A, W1, s1, thr)), positive,
-                                               xs.asarray(budget), xs.asarray(target), restart, 5, 0.0, xs)
+            L0 = np.where(np.arange(5) % 2 == 0, 0.0, 2.5)  # no L yet / the last round's
+            A1, it1, L1 = _ws_subproblems_numpy(G, C, x2, A, W1, s1, thr, positive, budget, target, restart, 5, 0.0, L0)
+            A2, it2, L2 = _ws_subproblems_portable(*(xs.asarray(v) for v in (G, C, x2, A, W1, s1, thr)), positive,
+                                                   xs.asarray(budget), xs.asarray(target), restart, 5, 0.0,
+                                                   xs.asarray(L0), xs)
             np.testing.assert_array_equal(it1, npx(it2))
             np.testing.assert_allclose(A1, npx(A2), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(L1, npx(L2), rtol=1e-12)
+            assert np.all(L1 >= L0)  # backtracking only grows L
             for i in range(5):  # nothing outside the set moves
                 out = np.setdiff1d(np.arange(60), W1[i, : s1[i]])
                 assert np.all(A1[i, out] == 0)
