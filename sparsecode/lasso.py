@@ -390,6 +390,9 @@ def _proximal_gradient(
     if kernel is not None:
         thr_vec = asarray_like(np.broadcast_to(to_numpy(alpha), (1, k))[0], X)
     dense_iterates = False  # switch to BLAS when the iterates are too dense for the kernel
+    step_kernel = None  # FISTA without the function restart: one fused kernel per step
+    if kernel is not None and accelerated and restart != "function":
+        step_kernel = get_kernel("lasso_fista_step_gram", xp)
     gap_kernel = get_kernel("lasso_sparse_times_gram", xp) if kernel is not None else None
     if gap_kernel is not None and G_cert is not None and G_cert.dtype != G.dtype and k * k * 8 > _GRAM_MAX_BYTES // 2:
         gap_kernel = None  # a second, float64 Gram matrix would not fit: certify explicitly
@@ -459,7 +462,11 @@ def _proximal_gradient(
     for it in range(1, max_iter + 1):
         t0 = time.perf_counter()
         dots = None
-        if kernel is not None and not dense_iterates:
+        fused = step_kernel is not None and not dense_iterates
+        if fused:  # the whole FISTA step, momentum included, in one pass over each row
+            Znew, Ya, t, n_bad = step_kernel(Ya, G, XDta, L, thr_vec, positive, Aa, t, restart == "gradient")
+            n_restarts += n_bad
+        elif kernel is not None and not dense_iterates:
             if accelerated and restart == "gradient":
                 Znew, dots = kernel(Ya, G, XDta, L, thr_vec, positive, A_prev=Aa)
             else:
@@ -472,7 +479,7 @@ def _proximal_gradient(
                 Znew = prox(Ya - G_y / L_arr, thr_step)
         iters = iters + 1
 
-        if accelerated:
+        if accelerated and not fused:
             if restart == "function":
                 obj_new = objective(Znew, Xa)
                 # A rise within rounding (the objective is evaluated to ~eps * (F + ||x||^2/2))
@@ -496,7 +503,7 @@ def _proximal_gradient(
             beta = ((t - 1.0) / t_next)[:, None]
             Ya = Znew + beta * (Znew - Aa)
             t = t_next
-        else:
+        elif not accelerated:
             Ya = Znew
         Aa = Znew
         elapsed += time.perf_counter() - t0
@@ -872,6 +879,21 @@ def _prox_grad_gram_numpy(Y, G, C, L, thr, positive, A_prev=None):
     prox_grad_gram(Y, G, C, float(Y.dtype.type(L)), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive),
                    Z, Ap, dots, want)
     return (Z, dots) if want else Z
+
+
+@register_kernel("lasso_fista_step_gram", "numpy")
+def _fista_step_gram_numpy(Y, G, C, L, thr, positive, A_prev, t, gradient_restart):
+    """(Z, Y_next, t_next, number of restarts) of one FISTA step; see ``_lasso_numba``."""
+    from ._lasso_numba import fista_step_gram, fista_step_gram_serial
+
+    fn = fista_step_gram_serial if Y.size * Y.shape[1] < _PARALLEL_MIN_WORK else fista_step_gram
+    Y, C = np.ascontiguousarray(Y), np.ascontiguousarray(C)
+    Z, Y_next = np.empty_like(Y), np.empty_like(Y)
+    t = np.array(t, copy=True)
+    restarted = np.zeros(Y.shape[0], dtype=np.bool_)
+    fn(Y, G, C, float(Y.dtype.type(L)), np.ascontiguousarray(thr, dtype=Y.dtype), bool(positive),
+       np.ascontiguousarray(A_prev), t, bool(gradient_restart), Z, Y_next, restarted)
+    return Z, Y_next, t, int(restarted.sum())
 
 
 @register_kernel("lasso_sparse_times_gram", "numpy")
