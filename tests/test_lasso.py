@@ -966,3 +966,17 @@ def test_working_set_warm_start_history_callback_and_budget(xp):
     np.testing.assert_allclose(
         npx(sparse_encode(Xx, Dx, alpha=alpha, tol=1e-10, max_iter=5000, working_set=True)), npx(res.codes), atol=1e-12
     )
+
+
+def test_parallel_and_serial_kernels_are_cached_apart():
+    """Numba's disk cache files a compilation under the Python function's qualified name (and
+    line and signature), not under ``parallel=True``: a parallel and a serial compilation of
+    one function would load each other's machine code. Every twin must be its own function."""
+    import sparsecode._lasso_numba as K
+
+    pairs = [(name, getattr(K, name + "_serial")) for name in dir(K) if hasattr(K, name + "_serial")]
+    assert len(pairs) >= 5
+    for name, serial in pairs:
+        par = getattr(K, name)
+        assert par.targetoptions.get("parallel") and not serial.targetoptions.get("parallel"), name
+        assert par.py_func.__qualname__ != serial.py_func.__qualname__, name
