@@ -422,7 +422,8 @@ class _DenseLayout:
     :class:`_PatternLayout` the values at the pattern's entries): ``gather`` (restrict a dense
     array to the entries), ``col``/``row`` (broadcast a per-latent / per-row vector to the
     entries), ``colsum``/``rowsum``, ``decode`` (``V @ W``), ``tmatmul`` (``V.T @ G``) and
-    ``sample`` (``G @ W.T`` at the entries).
+    ``sample`` (``G @ W.T`` at the entries); ``restrict`` (zero an entry array off the
+    pattern: a no-op on a pattern's values) and ``scatter`` (an entry array as a dense array).
     """
 
     def __init__(self, mask, xp):
@@ -433,6 +434,12 @@ class _DenseLayout:
 
     def gather_bool(self, B):
         return self.xp.logical_and(self.mask, B)
+
+    def restrict(self, V):
+        return self.xp.where(self.mask, V, _zero(V, self.xp))
+
+    def scatter(self, V):
+        return V
 
     def col(self, v):
         return v[None, :]
@@ -477,6 +484,14 @@ class _PatternLayout:
         return Z[self.rows, self.cols]
 
     gather_bool = gather
+
+    def restrict(self, V):
+        return V
+
+    def scatter(self, V):
+        out = np.zeros((self.n, self.m), dtype=V.dtype)
+        out[self.rows, self.cols] = V
+        return out
 
     def col(self, v):
         return v[self.cols]
@@ -1095,28 +1110,42 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         g_Wdec = _codes_tmatmul(f, g_xh, xp)
         g_bdec = xp.sum(g_xh, axis=0)
         T = len(zs)
+        # Each step's gradient is needed only where its ReLU passes (u_t > 0): g_z[t] enters
+        # nothing but g_u = g_z[t] * (u_t > 0). So the back-products into the codes are sampled
+        # products on those patterns (entries elsewhere are left zero: never read), and the
+        # products with g_u run on its pattern (sparse once the SAE is sparse).
+        lays = [_layout(c[2] > 0, xp) for c in cache]
+        W_encT = W_enc.T
         g_z = [None] * T
-        last_mask = cache[-1][2] > 0
-        g_z[T - 1] = _masked_matmul_t(g_xh, W_dec, last_mask, xp) + xp.where(last_mask, lam / n, zero)
+        lay = lays[T - 1]
+        g_uv = lay.restrict(lay.sample(g_xh, W_dec) + lam / n)
         g_Wenc = xp.zeros_like(W_enc)
         g_benc = xp.zeros_like(b_enc)
         g_xc = xp.zeros_like(xc)
         for t in range(T - 1, -1, -1):
             y, e, u = cache[t]
-            if g_z[t] is None:
-                continue
-            g_u = xp.where(u > 0, g_z[t], zero)
-            g_benc = g_benc + xp.sum(g_u, axis=0)
-            g_Wenc = g_Wenc + _codes_tmatmul(g_u, e, xp).T
-            g_e = g_u @ W_enc.T
+            lay = lays[t]
+            if t < T - 1:
+                if g_z[t] is None:
+                    continue
+                g_uv = lay.gather(g_z[t])
+            g_benc = g_benc + lay.colsum(g_uv)
+            g_Wenc = g_Wenc + lay.rtmatmul(g_uv, e)
+            g_e = lay.decode(g_uv, W_encT)
             g_xc = g_xc + g_e
             if t > 0:
-                g_y = g_u - g_e @ W_dec.T
-                g_Wdec = g_Wdec - _codes_tmatmul(y, g_e, xp)
                 beta = betas[t]
+                two = beta != 0.0 and t >= 2  # FISTA: g_y also reaches z_{t-2}
+                lay_y = lays[t - 1] if not two else _layout(
+                    xp.logical_or(cache[t - 1][2] > 0, cache[t - 2][2] > 0), xp)
+                if isinstance(lay_y, _DenseLayout):  # dense: no masking passes (never read)
+                    g_y = lay.scatter(g_uv) - g_e @ W_dec.T
+                else:  # g_u - g_e @ W_dec.T where it is read
+                    g_y = lay_y.scatter(lay_y.gather(lay.scatter(g_uv)) - lay_y.sample(g_e, W_dec))
+                g_Wdec = g_Wdec - _codes_tmatmul(y, g_e, xp)
                 add1 = (1.0 + beta) * g_y if beta != 0.0 else g_y
                 g_z[t - 1] = add1 if g_z[t - 1] is None else g_z[t - 1] + add1
-                if beta != 0.0 and t >= 2:
+                if two:
                     add0 = -beta * g_y
                     g_z[t - 2] = add0 if g_z[t - 2] is None else g_z[t - 2] + add0
         G.update(W_enc=g_Wenc, b_enc=g_benc, W_dec=g_Wdec,

@@ -85,10 +85,16 @@ def test_gradient_matches_finite_differences(arch, shape, sparse_kernels, monkey
     _directional_fd_check(sae, X, kwargs, skip=("log_threshold",), seed=seed)
 
 
+@pytest.mark.parametrize("sparse_kernels", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("fista", [False, True])
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=shapes, steps=st.integers(1, 4))
-def test_lista_gradient_any_depth(fista, shape, steps):
+def test_lista_gradient_any_depth(fista, shape, steps, sparse_kernels, monkeypatch):
+    """Both layouts of the backward pass (the sampled products on each step's ReLU pattern),
+    ISTA and FISTA (where a step's gradient reaches two earlier steps)."""
+    import sparsecode.sae as sae_mod
+
+    monkeypatch.setattr(sae_mod, "_SPARSE_DENSITY", 1.01 if sparse_kernels else -1.0)
     n, d_in, d_sae, seed = shape
     X = np.random.default_rng(seed + 2).standard_normal((n, d_in))
     sae = _model("lista", d_in, d_sae, seed, lista_steps=steps, lista_fista=fista)

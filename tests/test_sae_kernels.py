@@ -191,3 +191,22 @@ def test_row_kernels_match_portable(dt, monkeypatch):
     _renormalise(M, np)
     np.testing.assert_allclose(got_n, M.params["W_dec"], **tol)
     assert s == pytest.approx(_sumsq(G, np), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- whole gradients
+@pytest.mark.parametrize("arch,kw", [("lista", {}), ("lista", {"lista_fista": True, "lista_steps": 4})])
+def test_lista_gradient_pattern_layout_matches_portable(arch, kw, monkeypatch):
+    """LISTA's backward on the patterns of each step's ReLU (NumPy kernels) against the
+    portable dense-layout code, at a trained SAE's sparsity."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((40, 16))
+    sae = sae_mod.SparseAutoencoder.initialize(16, 96, arch, seed=0, dtype="float64", l1_coefficient=0.3, **kw)
+    z = (X - sae.b_dec) @ sae.W_enc + sae.b_enc
+    sae.params["b_enc"] = sae.params["b_enc"] - np.quantile(z, 0.96)  # a few percent of the latents fire
+    loss, G, st_ = sae_mod.loss_and_grad(sae, X)
+    assert 0 < st_["l0"] < 0.08 * 96
+    _portable("sae_layout", monkeypatch)
+    loss_p, G_p, _ = sae_mod.loss_and_grad(sae, X)
+    assert loss == pytest.approx(loss_p, rel=1e-12)
+    for key in G:
+        np.testing.assert_allclose(G[key], G_p[key], rtol=1e-10, atol=1e-12, err_msg=key)
