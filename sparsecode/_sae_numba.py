@@ -318,3 +318,65 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
                     C[j] = C[j] - c * g[j]
         for q in range(d):
             r_out[i, q] = r[q]
+
+
+# --------------------------------------------------------------------------- threshold encoders, dense codes
+@nb.njit(parallel=True, **_FLAGS)
+def threshold_forward(z, thr, half_bw, f, cnt, fsum, band):
+    """One pass over the pre-activations of ReLU / JumpReLU at a dense layout:
+    ``f = z * (z > thr)`` (``thr`` per column), and per block of rows ``b`` the column
+    counts of active entries ``cnt[b]``, their column sums ``fsum[b]`` (in float64) and the
+    column counts of the JumpReLU band ``|z - thr| < half_bw`` in ``band[b]`` (when
+    ``half_bw > 0``). The caller adds the blocks up (fixed order: thread-count independent)."""
+    n, m = z.shape
+    nblk = cnt.shape[0]
+    per = (n + nblk - 1) // nblk
+    for b in nb.prange(nblk):
+        c = cnt[b]
+        s = fsum[b]
+        bd = band[b]
+        for i in range(b * per, min(n, (b + 1) * per)):
+            zi = z[i]
+            fi = f[i]
+            for j in range(m):
+                x = zi[j]
+                t = thr[j]
+                if x > t:
+                    fi[j] = x
+                    c[j] += 1
+                    s[j] += x
+                else:
+                    fi[j] = 0.0
+                if half_bw > 0.0 and abs(x - t) < half_bw:
+                    bd[j] += 1
+    return f
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def threshold_backward(g, z, thr, add, half_bw, gsum, gband):
+    """In place: ``g = (g + add) * (z > thr)`` (``add`` per column: the penalty's derivative),
+    with per block of rows the column sums of the result in ``gsum[b]`` and, when
+    ``half_bw > 0``, of the incoming ``g`` over the band ``|z - thr| < half_bw`` in
+    ``gband[b]`` (float64 sums)."""
+    n, m = z.shape
+    nblk = gsum.shape[0]
+    per = (n + nblk - 1) // nblk
+    for b in nb.prange(nblk):
+        s = gsum[b]
+        sb = gband[b]
+        for i in range(b * per, min(n, (b + 1) * per)):
+            zi = z[i]
+            gi = g[i]
+            for j in range(m):
+                x = zi[j]
+                t = thr[j]
+                v = gi[j]
+                if half_bw > 0.0 and abs(x - t) < half_bw:
+                    sb[j] += v
+                if x > t:
+                    v = v + add[j]
+                    gi[j] = v
+                    s[j] += v
+                else:
+                    gi[j] = 0.0
+    return g

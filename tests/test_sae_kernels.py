@@ -210,3 +210,28 @@ def test_lista_gradient_pattern_layout_matches_portable(arch, kw, monkeypatch):
     assert loss == pytest.approx(loss_p, rel=1e-12)
     for key in G:
         np.testing.assert_allclose(G[key], G_p[key], rtol=1e-10, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("arch", ["relu", "relu_april", "jumprelu"])
+def test_fused_threshold_path_matches_portable(arch, dt, monkeypatch):
+    """The fused dense pass of ReLU / ReLU (April) / JumpReLU against the portable layout code."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((70, 12)).astype(dt)
+    sae = sae_mod.SparseAutoencoder.initialize(12, 48, arch, seed=0, dtype=dt, l1_coefficient=0.4,
+                                               bandwidth=0.3)
+    if arch == "jumprelu":
+        sae.params["log_threshold"] = np.full(48, np.log(0.2), dtype=dt)
+    monkeypatch.setattr(sae_mod, "_SPARSE_DENSITY", 0.0)  # dense codes: the fused pass runs
+    loss, G, st_ = sae_mod.loss_and_grad(sae, X)
+    _portable("sae_threshold_dense", monkeypatch)
+    loss_p, G_p, st_p = sae_mod.loss_and_grad(sae, X)
+    tol = dict(rtol=2e-5, atol=2e-6) if dt == "float32" else dict(rtol=1e-11, atol=1e-13)
+    assert loss == pytest.approx(loss_p, rel=tol["rtol"])
+    assert st_["l0"] == st_p["l0"]
+    np.testing.assert_array_equal(st_["fired"], st_p["fired"])
+    assert set(G) == set(G_p)
+    for key in G:
+        np.testing.assert_allclose(G[key], G_p[key], err_msg=key, **tol)
+    for key in ("penalty_loss", "mse"):
+        assert st_[key] == pytest.approx(st_p[key], rel=tol["rtol"])
