@@ -860,29 +860,34 @@ def _afa_mask(a, nu, xc, xp):
 def _afa_mask_np(a, nu, xc, K=64):
     """top-AFA selection sorting only the K largest entries per row; exact: the cumulative
     norm is non-decreasing, so once it exceeds ``||xc||`` within the top K the first minimiser
-    lies there. Rows whose crossing lies further out fall back to the full sort."""
+    lies there. Rows whose crossing lies further out are redone with 4x the K (a trained SAE's
+    rows often need more than 64 latents: a full sort of those rows cost ~10x the rest)."""
     s = (a * nu) ** 2
     n, m = s.shape
     B = np.sqrt(np.sum(xc * xc, axis=1))
-    K = min(K, m)
-    if 16 * K <= m:  # the K best per row, best first, ties to the lowest index (Numba heap)
-        idx = _nb().topk_rows(np.ascontiguousarray(s), K, np.empty((n, K), dtype=np.int64))
-    else:
-        idx = np.argsort(-s, axis=1, kind="stable")[:, :K]
-    cum = np.sqrt(np.cumsum(np.take_along_axis(s, idx, axis=1), axis=1))
-    kstar = np.argmin(np.abs(cum - B[:, None]), axis=1) + 1
     mask = np.zeros((n, m), dtype=bool)
-    np.put_along_axis(mask, idx, np.arange(K)[None, :] < kstar[:, None], axis=1)
-    far = cum[:, -1] <= B
-    if K < m and np.any(far):
-        rows = np.nonzero(far)[0]
-        s_r = s[rows]
-        o = np.argsort(-s_r, axis=1, kind="stable")
-        ranks = np.argsort(o, axis=1, kind="stable")
-        c = np.sqrt(np.cumsum(np.take_along_axis(s_r, o, axis=1), axis=1))
-        ks = np.argmin(np.abs(c - B[rows, None]), axis=1) + 1
-        mask[rows] = ranks < ks[:, None]
-    return mask
+    rows = None  # all rows at first
+    Kc = min(K, m)
+    while True:
+        s_r = s if rows is None else np.ascontiguousarray(s[rows])
+        B_r = B if rows is None else B[rows]
+        if 16 * Kc <= m:  # the Kc best per row, best first, ties to the lowest index (Numba heap)
+            idx = _nb().topk_rows(np.ascontiguousarray(s_r), Kc, np.empty((s_r.shape[0], Kc), dtype=np.int64))
+        else:
+            idx = np.argsort(-s_r, axis=1, kind="stable")[:, :Kc]
+        cum = np.sqrt(np.cumsum(np.take_along_axis(s_r, idx, axis=1), axis=1))
+        kstar = np.argmin(np.abs(cum - B_r[:, None]), axis=1) + 1
+        keep = np.zeros(s_r.shape, dtype=bool)
+        np.put_along_axis(keep, idx, np.arange(Kc)[None, :] < kstar[:, None], axis=1)
+        if rows is None:
+            mask = keep
+        else:
+            mask[rows] = keep
+        far = cum[:, -1] <= B_r
+        if Kc >= m or not np.any(far):
+            return mask
+        rows = np.nonzero(far)[0] if rows is None else rows[far]
+        Kc = min(4 * Kc, m)
 
 
 def _mp_forward(sae, xc, xp, record=False):
