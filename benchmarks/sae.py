@@ -8,7 +8,10 @@ renormalisation; AuxK on 10% dead latents) for every encoder, next to the time o
 a step needs at minimum, measured in the same run: the encoder product ``xc @ W_enc`` and its
 weight gradient ``xc.T @ g_z`` (dense), plus, for the TopK family, the decoder and its
 gradient on the k selected rows per token (sparse products; the faster of scipy.sparse and
-the library's kernels is counted). LISTA's minimum counts its T = 3 encoder products.
+the library's kernels is counted). top-AFA keeps an adaptive number of latents per token (about
+100 at initialisation on SmolLM2 activations): its sparse products are counted on the rows it
+actually selected in the timed batch, its mean L0 rounded up (printed beside its row, saved
+as ``min_k``), the dense part unchanged. LISTA's minimum counts its T = 3 encoder products.
 ``ratio = throughput / (batch / minimum time)``; the target is >= 0.5. Both times are the
 best of several repeats (the machine is shared). The table is printed at two batch sizes,
 1024 and 4096 (SAELens' default ``train_batch_size_tokens``): a step's fixed costs (Adam over
@@ -27,7 +30,10 @@ How to read the rows:
   correlations of the residual with all atoms, kept up to date through the Gram matrix
   ``W_dec @ W_dec.T`` (d_sae^2 d_in multiply-adds, ~4 encoder products by itself) plus k
   (n, d_sae) updates. The TopK-family minimum it is compared with does not count these, so its
-  ratio stays below 0.5 by construction.
+  ratio stays below 0.5 by construction. Its row therefore also prints a second, clearly
+  labelled yardstick (saved as ``mp_min_s`` / ``mp_ratio``): the products a matching-pursuit
+  encoder cannot avoid, i.e. the correlations ``X @ W_dec.T``, the Gram matrix (BLAS syrk, one
+  triangle) and the decoder and its gradient on the k selected rows per token.
 
 Part 2, quality: every encoder is trained at two sparsity levels on activations of SmolLM2's
 residual stream (an existing extraction under results/ or --acts; otherwise synthetic sparse
@@ -155,6 +161,36 @@ def minimum_time(X, d_sae, k, topk_family, repeat, rng):
     return t
 
 
+def gram_time(W, repeat):
+    """Seconds for the Gram matrix ``W @ W.T`` of the (m, d) decoder: the faster of the plain
+    product and BLAS syrk (the symmetric rank-d update: half the multiply-adds, one triangle)."""
+    t = _best(lambda: W @ W.T, repeat)
+    try:
+        from scipy.linalg import blas
+
+        syrk = blas.ssyrk if W.dtype == np.float32 else blas.dsyrk
+        Wf = np.asfortranarray(W.T)  # (d, m) in Fortran order: syrk(trans=1) gives Wf.T @ Wf, no copy
+        t = min(t, _best(lambda: syrk(1.0, Wf, trans=1, lower=0), repeat))
+    except ImportError:  # pragma: no cover
+        pass
+    return t
+
+
+def mp_minimum_time(X, d_sae, k, repeat, rng):
+    """Seconds for the products a matching-pursuit encoder cannot avoid (a second yardstick,
+    printed for MP-SAE only): the correlations ``X @ W_dec.T``, the Gram matrix
+    ``W_dec @ W_dec.T`` (one triangle, :func:`gram_time`), and the decoder and its gradient
+    on the k selected rows per token (as in :func:`minimum_time`)."""
+    n, d = X.shape
+    Wd = rng.standard_normal((d_sae, d)).astype(X.dtype)
+    t = _best(lambda: X @ Wd.T, repeat) + gram_time(Wd, repeat)
+    # the sparse part of the TopK-family minimum: the whole minimum less its two dense products
+    W = rng.standard_normal((d, d_sae)).astype(X.dtype)
+    Gz = rng.standard_normal((n, d_sae)).astype(X.dtype)
+    dense = _best(lambda: X @ W, repeat) + _best(lambda: X.T @ Gz, repeat)
+    return t + max(minimum_time(X, d_sae, k, True, repeat, rng) - dense, 0.0)
+
+
 def time_steps(arch, X, d_sae, k, n_steps, lr=1e-4, target_l0=None):
     """Seconds per full training step, the one :func:`train_sae` takes
     (:func:`sparsecode.sae_train.training_step`: loss and gradient, decoder-gradient
@@ -203,15 +239,25 @@ def part_throughput(args, X_src, n):
     runs += [(a, 2 * k) for a in ("relu", "relu_april", "jumprelu", "lista") if a in args.encoders]
     for arch, target in runs:
         step, l0 = time_steps(arch, X, d_sae, k, args.time_steps, target_l0=target)
-        tmin = minimum_time(X, d_sae, k, arch in TOPK_FAMILY, 5, rng)
+        # top-AFA chooses how many latents each token keeps: its sparse products run on the rows
+        # it actually selected in this batch (its mean L0, rounded up), not on k
+        k_min = int(np.ceil(l0)) if arch == "topafa" else k
+        tmin = minimum_time(X, d_sae, k_min, arch in TOPK_FAMILY, 5, rng)
         if arch == "lista":  # T = 3 unrolled steps: three encoder products and their gradients
             tmin *= 3
         thr, thr_min = n / step, n / tmin
         name = arch if target is None else f"{arch}@L0~{target}"
-        rows.append({"encoder": name, "batch": n, "step_s": step, "tokens_per_s": thr, "min_s": tmin,
-                     "min_tokens_per_s": thr_min, "ratio": thr / thr_min, "l0": l0})
+        row = {"encoder": name, "batch": n, "step_s": step, "tokens_per_s": thr, "min_s": tmin,
+               "min_tokens_per_s": thr_min, "ratio": thr / thr_min, "l0": l0, "min_k": k_min}
+        note = f"  (sparse products of the minimum on k = {k_min} rows per token: its L0)" if arch == "topafa" else ""
+        if arch == "mpsae":  # second yardstick: with the products matching pursuit cannot avoid
+            tmp = mp_minimum_time(X, d_sae, k, 5, rng)
+            row.update(mp_min_s=tmp, mp_ratio=tmp / step)
+            note = (f"  (MP minimum incl. correlations X W_dec^T + Gram (syrk) + k-row decoder/grad: "
+                    f"{1e3 * tmp:.1f} ms, ratio {tmp / step:.2f})")
+        rows.append(row)
         print(f"{name:<15} {1e3 * step:9.1f} {thr:10.0f} {1e3 * tmin:8.1f} {thr_min:10.0f} {thr / thr_min:6.2f} "
-              f"{l0:8.1f}", flush=True)
+              f"{l0:8.1f}{note}", flush=True)
     return rows
 
 
