@@ -286,14 +286,14 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
     for i in nb.prange(n):
         C = C0[i].copy()
         r = xc[i].copy()
+        best = 0
+        bv = abs(C[0])
+        for j in range(1, m):
+            a = abs(C[j])
+            if a > bv:
+                bv = a
+                best = j
         for t in range(k):
-            best = 0
-            bv = abs(C[0])
-            for j in range(1, m):
-                a = abs(C[j])
-                if a > bv:
-                    bv = a
-                    best = j
             c = C[best]
             active = True
             if use_tol:
@@ -313,9 +313,18 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
             for q in range(d):
                 r[q] = r[q] - c * w[q]
             if t + 1 < k:
+                # update and next argmax in one pass over the row (first maximum kept)
                 g = Gm[best]
-                for j in range(m):
-                    C[j] = C[j] - c * g[j]
+                C[0] = C[0] - c * g[0]
+                best = 0
+                bv = abs(C[0])
+                for j in range(1, m):
+                    x = C[j] - c * g[j]
+                    C[j] = x
+                    a = abs(x)
+                    if a > bv:
+                        bv = a
+                        best = j
         for q in range(d):
             r_out[i, q] = r[q]
 
@@ -380,3 +389,71 @@ def threshold_backward(g, z, thr, add, half_bw, gsum, gband):
                 else:
                     gi[j] = 0.0
     return g
+
+
+# --------------------------------------------------------------------------- matching pursuit, more
+@nb.njit(parallel=True, **_FLAGS)
+def mirror_lower(A):
+    """In place: ``A[i, j] = A[j, i]`` for ``j > i`` (a symmetric matrix from its lower
+    triangle, as BLAS syrk leaves it), by 64 x 64 tiles, tile rows in parallel."""
+    m = A.shape[0]
+    B = 64
+    nb_ = (m + B - 1) // B
+    for bi in nb.prange(nb_):
+        i0 = bi * B
+        i1 = min(i0 + B, m)
+        for bj in range(bi, nb_):
+            j0 = bj * B
+            j1 = min(j0 + B, m)
+            for i in range(i0, i1):
+                for j in range(max(j0, i + 1), j1):
+                    A[i, j] = A[j, i]
+    return A
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mp_backward(W, js, cs, act, use_tol, Rh, r, scale, g_r_out):
+    """The backward pass of :func:`mp_gram`, per row and in reverse step order, as the
+    portable loop of ``sae.loss_and_grad`` (MP-SAE): ``g_r = scale * r``; step ``t``:
+    ``g_c = -g_r . W[j]`` (0 where inactive), the row ``-c g_r + g_c r_t`` for ``W_dec[j]``
+    written over ``Rh[t, i]`` (the recorded ``r_t``, not needed afterwards), and
+    ``g_r += g_c W[j]``. The final ``g_r`` goes to ``g_r_out``."""
+    n, k = js.shape
+    d = W.shape[1]
+    for i in nb.prange(n):
+        g = g_r_out[i]
+        for q in range(d):
+            g[q] = scale * r[i, q]
+        for t in range(k - 1, -1, -1):
+            w = W[js[i, t]]
+            s = g[0] * 0.0
+            for q in range(d):
+                s += g[q] * w[q]
+            gc = -s
+            if use_tol and not act[i, t]:
+                gc = gc * 0.0
+            c = cs[i, t]
+            rt = Rh[t, i]
+            for q in range(d):
+                rt[q] = -c * g[q] + gc * rt[q]
+            for q in range(d):
+                g[q] = g[q] + gc * w[q]
+    return g_r_out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mp_scatter(colptr, perm, k, Rh, out):
+    """``out[j] = sum of the rows Rh[t, i]`` over the entries ``p = i k + t`` of column ``j``
+    (in ``perm``'s order; rows ascending): the scatter of ``mp_backward``'s rows."""
+    m = out.shape[0]
+    d = out.shape[1]
+    for j in nb.prange(m):
+        o = out[j]
+        for q in range(d):
+            o[q] = 0.0
+        for u in range(colptr[j], colptr[j + 1]):
+            p = perm[u]
+            rt = Rh[p % k, p // k]
+            for q in range(d):
+                o[q] += rt[q]
+    return out

@@ -908,13 +908,15 @@ def _mp_forward(sae, xc, xp, record=False):
     # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
     # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same values either way.
     use_gram = int(sae.k) * n > m
-    Gm = W @ W.T if use_gram else None
+    Gm = _gram(W, xp) if use_gram else None
     C = r @ W.T
     kern = get_kernel("sae_mp_gram", xp) if use_gram else None
     if kern is not None:  # the loop below, fused per row (NumPy: Numba)
         idx, vals, acts, Rh, r = kern(C, xc, W, Gm, int(sae.k), sae.mp_tol, record)
         if record:
-            steps = [(idx[:, t], vals[:, t], None if acts is None else acts[:, t], Rh[t]) for t in range(int(sae.k))]
+            steps = _MPSteps((idx[:, t], vals[:, t], None if acts is None else acts[:, t], Rh[t])
+                             for t in range(int(sae.k)))
+            steps.raw = (idx, vals, acts, Rh)  # for the fused backward pass
         return _ks_dense_sum(idx, vals, m, xp), r, steps
     for t in range(int(sae.k)):
         if t > 0 and not use_gram:
@@ -937,6 +939,70 @@ def _mp_forward(sae, xc, xp, record=False):
             C = C - c[:, None] * xp.take(Gm, j, axis=0)
     codes = _ks_dense_sum(xp.stack(js, axis=1), xp.stack(cs, axis=1), m, xp)
     return codes, r, steps
+
+
+class _MPSteps(list):
+    """The recorded pursuit steps, with the kernel's arrays they view in ``raw``."""
+
+    raw = None
+
+
+def _gram(W, xp):
+    """``W @ W.T`` (the Gram matrix of the decoder rows)."""
+    kern = get_kernel("sae_gram", xp)
+    if kern is not None:
+        out = kern(W)
+        if out is not None:
+            return out
+    return W @ W.T
+
+
+@register_kernel("sae_gram", "numpy")
+def _gram_np(W):
+    """BLAS syrk (half the multiply-adds of the product: one triangle) and a Numba mirror."""
+    if W.dtype not in (np.float32, np.float64) or W.shape[0] < 64:
+        return None
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if W.dtype == np.float32 else blas.dsyrk
+    # W.T is (d, m) in Fortran order (no copy); syrk(trans=1) gives W @ W.T, upper triangle,
+    # Fortran order, i.e. the lower triangle of its C-order transpose
+    Gf = syrk(1.0, W.T, trans=1, lower=0)
+    return _nb().mirror_lower(Gf.T)
+
+
+def _mp_backward(steps, r, W, d_sae, n, xp):
+    """``(g_W_dec, g_r)`` of MP-SAE's loss ``||r||^2 / n`` through the recorded steps."""
+    kern = get_kernel("sae_mp_backward", xp)
+    if kern is not None and getattr(steps, "raw", None) is not None:
+        return kern(steps.raw, r, W, d_sae, n)
+    g_r = (2.0 / n) * r
+    idx_all, rows_all = [], []
+    for j, c, active, r_t in reversed(steps):
+        d = xp.take(W, j, axis=0)
+        g_c = -xp.sum(g_r * d, axis=1)
+        if active is not None:
+            g_c = xp.where(active, g_c, xp.zeros_like(g_c))
+        idx_all.append(j)
+        rows_all.append(-c[:, None] * g_r + g_c[:, None] * r_t)
+        g_r = g_r + g_c[:, None] * d
+    return _scatter_rows(xp.concat(idx_all), xp.concat(rows_all, axis=0), d_sae, xp), g_r
+
+
+@register_kernel("sae_mp_backward", "numpy")
+def _mp_backward_np(raw, r, W, d_sae, n):
+    """The backward loop fused per row (Numba), each step's ``W_dec`` row written over the
+    recorded residual (consumed: the steps cannot be used twice), then gathered per atom."""
+    idx, vals, acts, Rh = raw
+    k = idx.shape[1]
+    use_tol = acts is not None
+    g_r = np.empty_like(r)
+    _nb().mp_backward(np.ascontiguousarray(W), idx, vals, acts if use_tol else np.empty((1, 1), dtype=np.bool_),
+                      use_tol, Rh, np.ascontiguousarray(r), r.dtype.type(2.0 / n), g_r)
+    indptr, cols = _ks_pattern(idx)
+    colptr, perm, _ = _nb().csr_transpose(indptr, cols, d_sae)
+    out = np.empty((d_sae, W.shape[1]), dtype=r.dtype)
+    return _nb().mp_scatter(colptr, perm, k, Rh, out), g_r
 
 
 def _ks_dense_sum(idx, vals, m, xp):
@@ -1084,17 +1150,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         stats.update(_common_stats(codes, X, sse, xp))
         if not need_grad:
             return loss, None, stats
-        g_r = (2.0 / n) * r
-        idx_all, rows_all = [], []
-        for j, c, active, r_t in reversed(steps):
-            d = xp.take(W_dec, j, axis=0)
-            g_c = -xp.sum(g_r * d, axis=1)
-            if active is not None:
-                g_c = xp.where(active, g_c, xp.zeros_like(g_c))
-            idx_all.append(j)
-            rows_all.append(-c[:, None] * g_r + g_c[:, None] * r_t)
-            g_r = g_r + g_c[:, None] * d
-        G["W_dec"] = _scatter_rows(xp.concat(idx_all), xp.concat(rows_all, axis=0), sae.d_sae, xp)
+        G["W_dec"], g_r = _mp_backward(steps, r, W_dec, sae.d_sae, n, xp)
         G["W_enc"] = xp.zeros_like(W_enc)
         G["b_enc"] = xp.zeros_like(b_enc)
         G["b_dec"] = -xp.sum(g_r, axis=0) if sae.apply_b_dec_to_input else xp.zeros_like(b_dec)

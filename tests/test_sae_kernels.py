@@ -140,6 +140,32 @@ def test_mp_gram_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
         assert (a is None) == (a0 is None) and (a is None or np.array_equal(a, a0))
 
 
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("m", [64, 200])
+def test_gram_kernel_matches_product(dt, m, monkeypatch):
+    W = np.random.default_rng(3).standard_normal((m, 24)).astype(dt)
+    G = sae_mod._gram(W, np)
+    assert G.flags.c_contiguous and G.shape == (m, m)
+    np.testing.assert_array_equal(G, G.T)  # exactly symmetric (mirrored)
+    _portable("sae_gram", monkeypatch)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(G, sae_mod._gram(W, np), **tol)
+
+
+@pytest.mark.parametrize("mp_tol", [None, 2.0])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_mp_backward_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
+    sae = sae_mod.SparseAutoencoder.initialize(16, 40, "mpsae", k=6, seed=0, dtype=dt, mp_tol=mp_tol)
+    X = np.random.default_rng(1).standard_normal((30, 16)).astype(dt)  # Gram branch, repeated atoms
+    loss, G, _ = sae_mod.loss_and_grad(sae, X)
+    _portable("sae_mp_backward", monkeypatch)
+    loss0, G0, _ = sae_mod.loss_and_grad(sae, X)
+    tol = dict(rtol=1e-4, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
+    assert loss == loss0
+    for key in G0:
+        np.testing.assert_allclose(G[key], G0[key], **tol)
+
+
 # --------------------------------------------------------------------------- optimiser and rows
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 def test_fused_adam_is_bit_identical_to_portable(dt, monkeypatch):
