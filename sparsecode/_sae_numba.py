@@ -457,3 +457,18 @@ def mp_scatter(colptr, perm, k, Rh, out):
             for q in range(d):
                 o[q] += rt[q]
     return out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def ks_dense_sum(idx, vals, out):
+    """``out[i, idx[i, t]] += vals[i, t]`` over ``t`` in order, on a zeroed row (indices of a
+    row may repeat: summed, as ``np.add.at``)."""
+    n, m = out.shape
+    k = idx.shape[1]
+    for i in nb.prange(n):
+        o = out[i]
+        for j in range(m):
+            o[j] = 0.0
+        for t in range(k):
+            o[idx[i, t]] += vals[i, t]
+    return out

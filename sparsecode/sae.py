@@ -1029,9 +1029,8 @@ def _mp_gram_np(C, xc, W, Gm, k, tol, record):
 
 @register_kernel("sae_ks_dense_sum", "numpy")
 def _ks_dense_sum_np(idx, vals, m):
-    out = np.zeros((vals.shape[0], m), dtype=vals.dtype)
-    np.add.at(out, (np.repeat(np.arange(vals.shape[0]), idx.shape[1]), idx.reshape(-1)), vals.reshape(-1))
-    return out
+    out = np.empty((vals.shape[0], m), dtype=vals.dtype)  # zeroed row by row in the kernel (Numba)
+    return _nb().ks_dense_sum(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(vals), out)
 
 
 def _lista_forward(sae, xc, xp, record=False):

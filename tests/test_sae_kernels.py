@@ -152,6 +152,16 @@ def test_gram_kernel_matches_product(dt, m, monkeypatch):
     np.testing.assert_allclose(G, sae_mod._gram(W, np), **tol)
 
 
+def test_ks_dense_sum_kernel_adds_repeats(monkeypatch):
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 9, (20, 12))  # many repeats per row
+    vals = rng.standard_normal((20, 12)).astype(np.float32)
+    got = sae_mod._ks_dense_sum(idx, vals, 9, np)
+    ref = np.zeros((20, 9), np.float32)
+    np.add.at(ref, (np.repeat(np.arange(20), 12), idx.reshape(-1)), vals.reshape(-1))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("mp_tol", [None, 2.0])
 @pytest.mark.parametrize("dt", ["float32", "float64"])
 def test_mp_backward_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
