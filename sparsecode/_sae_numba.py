@@ -472,3 +472,123 @@ def ks_dense_sum(idx, vals, out):
         for t in range(k):
             o[idx[i, t]] += vals[i, t]
     return out
+
+
+# --------------------------------------------------------------------------- top-AFA selection
+@nb.njit(inline="always")
+def _afa_score(x, nuj):
+    # the portable (relu(z) * nu) ** 2 in the input's precision
+    v = x * nuj
+    return v * v
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def afa_select(z, nu, B, K, thr_v, thr_j, counts):
+    """top-AFA's crossing per row, from ``z`` directly: among the positive entries, scores
+    ``s_j = (z_j nu_j)^2`` ranked best first (ties to the lowest index), ``k*`` the first
+    minimiser of ``| sqrt(cumsum of s) - B_i |`` (sums in the input's precision, in rank
+    order, as ``np.cumsum``). Writes ``k*`` (0 for a row without positive entries) and the
+    ``k*``-th entry ``(thr_v, thr_j)``: the row keeps the entries ranked no worse.
+
+    The K best by a heap settle the rows whose cumulative norm reaches ``B_i`` within them
+    (it is non-decreasing, so the first minimiser lies there); the others sort all their
+    positive entries (stable). Scratch allocated once per block of rows."""
+    n, m = z.shape
+    nblk = min(n, 64)
+    per = (n + nblk - 1) // nblk
+    for b in nb.prange(nblk):
+        sv = np.empty(m, dtype=z.dtype)
+        si = np.empty(m, dtype=np.int64)
+        hv = np.empty(K, dtype=z.dtype)
+        hi = np.empty(K, dtype=np.int64)
+        for i in range(b * per, min(n, (b + 1) * per)):
+            row = z[i]
+            c = 0
+            for j in range(m):
+                x = row[j]
+                if x > 0:
+                    sv[c] = _afa_score(x, nu[j])
+                    si[c] = j
+                    c += 1
+            if c == 0:
+                counts[i] = 0
+                thr_v[i] = 0.0
+                thr_j[i] = -1
+                continue
+            Bi = B[i]
+            kk = min(K, c)
+            for t in range(kk):
+                hv[t] = sv[t]
+                hi[t] = si[t]
+            for s in range(kk // 2 - 1, -1, -1):
+                _sift_down(hv, hi, kk, s)
+            thr = hv[0]
+            for t in range(kk, c):
+                x = sv[t]
+                if x > thr or (thr != thr and x == x):
+                    hv[0] = x
+                    hi[0] = si[t]
+                    _sift_down(hv, hi, kk, 0)
+                    thr = hv[0]
+            for e in range(kk - 1, 0, -1):
+                tv = hv[0]
+                ti = hi[0]
+                hv[0] = hv[e]
+                hi[0] = hi[e]
+                hv[e] = tv
+                hi[e] = ti
+                _sift_down(hv, hi, e, 0)
+            # hv, hi: the kk best, best first
+            acc = hv[0] * 0.0
+            best_t = 0
+            best_d = 0.0
+            for t in range(kk):
+                acc = acc + hv[t]
+                dd = abs(np.sqrt(acc) - Bi)
+                if t == 0 or dd < best_d:
+                    best_d = dd
+                    best_t = t
+            if kk < c and np.sqrt(acc) <= Bi:  # the crossing may lie beyond the K best: sort all
+                vals = sv[:c].copy()
+                for t in range(c):
+                    vals[t] = -vals[t]
+                order = np.argsort(vals, kind="mergesort")  # stable: ties keep the index order
+                acc = hv[0] * 0.0
+                best_t = 0
+                for t in range(c):
+                    acc = acc + sv[order[t]]
+                    dd = abs(np.sqrt(acc) - Bi)
+                    if t == 0 or dd < best_d:
+                        best_d = dd
+                        best_t = t
+                counts[i] = best_t + 1
+                thr_v[i] = sv[order[best_t]]
+                thr_j[i] = si[order[best_t]]
+            else:
+                counts[i] = best_t + 1
+                thr_v[i] = hv[best_t]
+                thr_j[i] = hi[best_t]
+    return counts
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def afa_fill(z, nu, thr_v, thr_j, indptr, cols, vals):
+    """The CSR pattern of :func:`afa_select`'s choice, columns ascending, with the kept
+    pre-activations in ``vals``."""
+    n, m = z.shape
+    for i in nb.prange(n):
+        p = indptr[i]
+        if indptr[i + 1] == p:
+            continue
+        tv = thr_v[i]
+        tj = thr_j[i]
+        row = z[i]
+        for j in range(m):
+            x = row[j]
+            if x > 0:
+                s = _afa_score(x, nu[j])
+                if not _worse(s, j, tv, tj):
+                    cols[p] = j
+                    vals[p] = x
+                    p += 1
+    return cols

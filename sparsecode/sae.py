@@ -891,6 +891,39 @@ def _afa_mask_np(a, nu, xc, K=128):
         Kc = min(4 * Kc, m)
 
 
+@register_kernel("sae_afa_layout", "numpy")
+def _afa_layout_np(z, nu, xc, K=128):
+    """top-AFA's selection (``_afa_mask`` and ``z > 0``) straight from ``z`` into a pattern
+    layout, with the kept pre-activations: one Numba pass finds each row's crossing (heap of
+    the K best, full sort for the rows that need it), one more writes the CSR pattern. Skips
+    the (n, d_sae) score, mask and relu arrays and the mask-to-CSR passes. ``None`` (the
+    caller builds the mask) when the selection is not sparse."""
+    if z.dtype not in (np.float32, np.float64) or z.ndim != 2:
+        return None
+    n, m = z.shape
+    z = np.ascontiguousarray(z)
+    nu = np.ascontiguousarray(nu, dtype=z.dtype)
+    B = np.sqrt(np.sum(xc * xc, axis=1))
+    nb_ = _nb()
+    counts = np.empty(n, dtype=np.int64)
+    thr_v = np.empty(n, dtype=z.dtype)
+    thr_j = np.empty(n, dtype=np.int64)
+    nb_.afa_select(z, nu, B, min(K, m), thr_v, thr_j, counts)
+    nnz = int(counts.sum())
+    if nnz > _SPARSE_DENSITY * z.size:
+        return None
+    lay = _PatternLayout.__new__(_PatternLayout)
+    lay.n, lay.m = n, m
+    lay.indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=lay.indptr[1:])
+    lay.cols = np.empty(nnz, dtype=np.int64)
+    zv = np.empty(nnz, dtype=z.dtype)
+    nb_.afa_fill(z, nu, thr_v, thr_j, lay.indptr, lay.cols, zv)
+    lay.rows = np.repeat(np.arange(n, dtype=np.int64), counts)
+    lay._csc = None
+    return lay, zv
+
+
 def _mp_forward(sae, xc, xp, record=False):
     """Unrolled matching pursuit of ``xc`` over the rows of ``W_dec`` (assumed unit norm).
 
@@ -1240,18 +1273,26 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         active = z > theta
     elif arch == "topafa":
         nu = _row_norms(W_dec, xp)
-        active = xp.logical_and(_afa_mask(_relu(z, xp), nu, xc, xp), z > 0)
+        kern = get_kernel("sae_afa_layout", xp)
+        afa_lay = kern(z, nu, xc) if kern is not None else None
+        if afa_lay is None:
+            active = xp.logical_and(_afa_mask(_relu(z, xp), nu, xc, xp), z > 0)
     else:  # pragma: no cover
         raise AssertionError(arch)
     band = None
-    if arch == "jumprelu" and need_grad:
-        band = xp.abs(z - theta) < sae.bandwidth / 2
-        lay = _layout(xp.logical_or(active, band), xp)
+    if arch == "topafa" and afa_lay is not None:  # the selection built the pattern (NumPy kernel)
+        lay, zv = afa_lay
+        actv = xp.ones(zv.shape, dtype=xp.bool)
+        fv = zv
     else:
-        lay = _layout(active, xp)
-    zv = lay.gather(z)
-    actv = lay.gather_bool(active)
-    fv = xp.where(actv, zv, _zero(zv, xp))
+        if arch == "jumprelu" and need_grad:
+            band = xp.abs(z - theta) < sae.bandwidth / 2
+            lay = _layout(xp.logical_or(active, band), xp)
+        else:
+            lay = _layout(active, xp)
+        zv = lay.gather(z)
+        actv = lay.gather_bool(active)
+        fv = xp.where(actv, zv, _zero(zv, xp))
     Xh = lay.decode(fv, W_dec) + b_dec
     R = Xh - X
     sse = float(xp.sum(R * R))

@@ -152,6 +152,46 @@ def test_gram_kernel_matches_product(dt, m, monkeypatch):
     np.testing.assert_allclose(G, sae_mod._gram(W, np), **tol)
 
 
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("K", [2, 8, 128])
+def test_afa_layout_kernel_matches_portable_mask(dt, K):
+    rng = np.random.default_rng(5)
+    n, m, d = 40, 300, 12
+    z = np.round(rng.standard_normal((n, m)) * 4).astype(dt) / 4  # many ties
+    z[3] = -1.0  # a row without positive entries
+    nu = rng.uniform(0.5, 1.5, m).astype(dt)
+    nu[:50] = 1.0
+    xc = rng.standard_normal((n, d)).astype(dt) * rng.uniform(0.1, 6.0, (n, 1)).astype(dt)  # crossings near and far
+    out = sae_mod._afa_layout_np(z, nu, xc, K=K)
+    mask = np.logical_and(sae_mod._afa_mask(np.maximum(z, 0), nu, xc, np), z > 0)
+    if out is None:  # too dense for a pattern: the caller falls back to the mask
+        assert np.count_nonzero(mask) > sae_mod._SPARSE_DENSITY * mask.size
+        return
+    lay, zv = out
+    ref = sae_mod._PatternLayout(mask)
+    np.testing.assert_array_equal(lay.indptr, ref.indptr)
+    np.testing.assert_array_equal(lay.cols, ref.cols)
+    np.testing.assert_array_equal(zv, z[mask])
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_topafa_loss_and_grad_kernel_matches_portable(dt, monkeypatch):
+    sae = sae_mod.SparseAutoencoder.initialize(24, 400, "topafa", k=8, seed=1, dtype=dt)
+    X = np.random.default_rng(2).standard_normal((50, 24)).astype(dt) * 0.3
+    dead = np.zeros(400, bool)
+    dead[:40] = True
+    kw = dict(aux_coefficient=1 / 32, dead_mask=dead, afa_coefficient=1 / 32)
+    loss, G, st = sae_mod.loss_and_grad(sae, X, **kw)
+    for name in ("sae_afa_layout", "sae_afa_mask", "sae_layout"):
+        _portable(name, monkeypatch)
+    loss0, G0, st0 = sae_mod.loss_and_grad(sae, X, **kw)
+    tol = dict(rtol=2e-4, atol=1e-6) if dt == "float32" else dict(rtol=1e-10, atol=1e-12)
+    assert st["l0"] == st0["l0"]
+    np.testing.assert_allclose(loss, loss0, **tol)
+    for key in G0:
+        np.testing.assert_allclose(G[key], G0[key], **tol)
+
+
 def test_ks_dense_sum_kernel_adds_repeats(monkeypatch):
     rng = np.random.default_rng(4)
     idx = rng.integers(0, 9, (20, 12))  # many repeats per row
