@@ -483,112 +483,147 @@ def _afa_score(x, nuj):
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def afa_select(z, nu, B, K, thr_v, thr_j, counts):
+def afa_select(z, nu, B, use_buckets, shift, scratch, scratch_bits, thr_v, thr_j, counts, sel):
     """top-AFA's crossing per row, from ``z`` directly: among the positive entries, scores
     ``s_j = (z_j nu_j)^2`` ranked best first (ties to the lowest index), ``k*`` the first
     minimiser of ``| sqrt(cumsum of s) - B_i |`` (sums in the input's precision, in rank
     order, as ``np.cumsum``). Writes ``k*`` (0 for a row without positive entries) and the
     ``k*``-th entry ``(thr_v, thr_j)``: the row keeps the entries ranked no worse.
 
-    The K best by a heap settle the rows whose cumulative norm reaches ``B_i`` within them
-    (it is non-decreasing, so the first minimiser lies there); the others sort all their
-    positive entries (stable). Scratch allocated once per block of rows."""
+    Candidates: the scores are bucketed by their top bits (``bits >> shift``: exponent and
+    two mantissa bits, monotone in the value), bucket sums taken from the top until they
+    exceed ``B_i^2``, one bucket more kept; those entries are a prefix of the ranking, and
+    only they are sorted (stable). The cumulative norm is non-decreasing, so once it exceeds
+    ``B_i`` within the prefix the first minimiser lies there; otherwise (or without
+    ``use_buckets``) all positive entries are sorted. ``scratch`` (64, m) in the input's
+    precision and ``scratch_bits`` the same memory viewed as integers of that width; other
+    scratch allocated once per block of rows. Rows keeping at most ``sel.shape[1]`` entries
+    also get their kept columns, ascending, in ``sel[i, :k*]``."""
     n, m = z.shape
-    nblk = min(n, 64)
+    nblk = min(n, scratch.shape[0])
     per = (n + nblk - 1) // nblk
     for b in nb.prange(nblk):
-        sv = np.empty(m, dtype=z.dtype)
+        sv = scratch[b]
+        sview = scratch_bits[b]
         si = np.empty(m, dtype=np.int64)
-        hv = np.empty(K, dtype=z.dtype)
-        hi = np.empty(K, dtype=np.int64)
+        bk = np.empty(m, dtype=np.int64)
+        cv = np.empty(m, dtype=z.dtype)
+        ci = np.empty(m, dtype=np.int64)
+        bsum = np.zeros(8192, dtype=np.float64)
         for i in range(b * per, min(n, (b + 1) * per)):
             row = z[i]
             c = 0
-            for j in range(m):
+            for j in range(m):  # branch-free compaction of the positive entries
                 x = row[j]
-                if x > 0:
-                    sv[c] = _afa_score(x, nu[j])
-                    si[c] = j
-                    c += 1
+                sv[c] = _afa_score(x, nu[j])
+                si[c] = j
+                c += x > 0
             if c == 0:
                 counts[i] = 0
                 thr_v[i] = 0.0
                 thr_j[i] = -1
                 continue
             Bi = B[i]
-            kk = min(K, c)
-            for t in range(kk):
-                hv[t] = sv[t]
-                hi[t] = si[t]
-            for s in range(kk // 2 - 1, -1, -1):
-                _sift_down(hv, hi, kk, s)
-            thr = hv[0]
-            for t in range(kk, c):
-                x = sv[t]
-                if x > thr or (thr != thr and x == x):
-                    hv[0] = x
-                    hi[0] = si[t]
-                    _sift_down(hv, hi, kk, 0)
-                    thr = hv[0]
-            for e in range(kk - 1, 0, -1):
-                tv = hv[0]
-                ti = hi[0]
-                hv[0] = hv[e]
-                hi[0] = hi[e]
-                hv[e] = tv
-                hi[e] = ti
-                _sift_down(hv, hi, e, 0)
-            # hv, hi: the kk best, best first
-            acc = hv[0] * 0.0
-            best_t = 0
-            best_d = 0.0
-            for t in range(kk):
-                acc = acc + hv[t]
-                dd = abs(np.sqrt(acc) - Bi)
-                if t == 0 or dd < best_d:
-                    best_d = dd
-                    best_t = t
-            if kk < c and np.sqrt(acc) <= Bi:  # the crossing may lie beyond the K best: sort all
-                vals = sv[:c].copy()
+            nc = c
+            if use_buckets:
+                bmin = 1 << 30
+                bmax = -1
                 for t in range(c):
-                    vals[t] = -vals[t]
-                order = np.argsort(vals, kind="mergesort")  # stable: ties keep the index order
-                acc = hv[0] * 0.0
+                    q = np.int64(sview[t]) >> shift
+                    bk[t] = q
+                    if q < bmin:
+                        bmin = q
+                    if q > bmax:
+                        bmax = q
+                for q in range(bmin, bmax + 1):
+                    bsum[q] = 0.0
+                for t in range(c):
+                    bsum[bk[t]] += sv[t]
+                target = float(Bi) * float(Bi)
+                acc64 = 0.0
+                cut = bmin
+                for q in range(bmax, bmin - 1, -1):
+                    acc64 += bsum[q]
+                    if acc64 > target:
+                        cut = max(q - 1, bmin)  # one bucket of margin for the rounding of the sums
+                        break
+                if cut > bmin:
+                    nc = 0
+                    for t in range(c):
+                        if bk[t] >= cut:
+                            cv[nc] = sv[t]
+                            ci[nc] = si[t]
+                            nc += 1
+            if nc == c:
+                for t in range(c):
+                    cv[t] = sv[t]
+                    ci[t] = si[t]
+            while True:
+                keys = np.empty(nc, dtype=z.dtype)
+                for t in range(nc):
+                    keys[t] = -cv[t]
+                order = np.argsort(keys, kind="mergesort")  # stable: ties keep the index order
+                acc = cv[0] * 0.0
                 best_t = 0
-                for t in range(c):
-                    acc = acc + sv[order[t]]
+                best_d = 0.0
+                for t in range(nc):
+                    acc = acc + cv[order[t]]
                     dd = abs(np.sqrt(acc) - Bi)
                     if t == 0 or dd < best_d:
                         best_d = dd
                         best_t = t
+                if nc < c and np.sqrt(acc) <= Bi:  # the crossing may lie beyond: all entries
+                    for t in range(c):
+                        cv[t] = sv[t]
+                        ci[t] = si[t]
+                    nc = c
+                    continue
                 counts[i] = best_t + 1
-                thr_v[i] = sv[order[best_t]]
-                thr_j[i] = si[order[best_t]]
-            else:
-                counts[i] = best_t + 1
-                thr_v[i] = hv[best_t]
-                thr_j[i] = hi[best_t]
+                thr_v[i] = cv[order[best_t]]
+                thr_j[i] = ci[order[best_t]]
+                if best_t < sel.shape[1]:
+                    kept = np.sort(ci[order[: best_t + 1]])
+                    for t in range(best_t + 1):
+                        sel[i, t] = kept[t]
+                break
     return counts
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def afa_fill(z, nu, thr_v, thr_j, indptr, cols, vals):
+def afa_fill(z, nu, thr_v, thr_j, sel, indptr, cols, vals):
     """The CSR pattern of :func:`afa_select`'s choice, columns ascending, with the kept
-    pre-activations in ``vals``."""
+    pre-activations in ``vals`` (copied from ``sel`` where it holds the row)."""
     n, m = z.shape
+    cap = sel.shape[1]
     for i in nb.prange(n):
         p = indptr[i]
         if indptr[i + 1] == p:
             continue
+        if indptr[i + 1] - p <= cap:
+            for t in range(indptr[i + 1] - p):
+                j = sel[i, t]
+                cols[p + t] = j
+                vals[p + t] = z[i, j]
+            continue
         tv = thr_v[i]
         tj = thr_j[i]
         row = z[i]
-        for j in range(m):
-            x = row[j]
-            if x > 0:
+        if tv == tv and tv > 0:  # kept: score above tv, or equal and index up to tj
+            for j in range(m):
+                x = row[j]
                 s = _afa_score(x, nu[j])
-                if not _worse(s, j, tv, tj):
-                    cols[p] = j
-                    vals[p] = x
-                    p += 1
+                if (x > 0) & (s >= tv):  # rare: one predictable branch per entry
+                    if s > tv or j <= tj:
+                        cols[p] = j
+                        vals[p] = x
+                        p += 1
+        else:
+            for j in range(m):
+                x = row[j]
+                if x > 0:
+                    s = _afa_score(x, nu[j])
+                    if not _worse(s, j, tv, tj):
+                        cols[p] = j
+                        vals[p] = x
+                        p += 1
     return cols

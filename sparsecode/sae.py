@@ -892,10 +892,11 @@ def _afa_mask_np(a, nu, xc, K=128):
 
 
 @register_kernel("sae_afa_layout", "numpy")
-def _afa_layout_np(z, nu, xc, K=128):
+def _afa_layout_np(z, nu, xc, buckets=True, cap=256):
     """top-AFA's selection (``_afa_mask`` and ``z > 0``) straight from ``z`` into a pattern
-    layout, with the kept pre-activations: one Numba pass finds each row's crossing (heap of
-    the K best, full sort for the rows that need it), one more writes the CSR pattern. Skips
+    layout, with the kept pre-activations: one Numba pass finds each row's crossing (sorting
+    only a prefix of the ranking found by value buckets; everything for the rows that need
+    it, or all rows without ``buckets``), one more writes the CSR pattern. Skips
     the (n, d_sae) score, mask and relu arrays and the mask-to-CSR passes. ``None`` (the
     caller builds the mask) when the selection is not sparse."""
     if z.dtype not in (np.float32, np.float64) or z.ndim != 2:
@@ -908,7 +909,12 @@ def _afa_layout_np(z, nu, xc, K=128):
     counts = np.empty(n, dtype=np.int64)
     thr_v = np.empty(n, dtype=z.dtype)
     thr_j = np.empty(n, dtype=np.int64)
-    nb_.afa_select(z, nu, B, min(K, m), thr_v, thr_j, counts)
+    # buckets of the scores by their top bits: exponent and two mantissa bits
+    shift = 21 if z.dtype == np.float32 else 50
+    scratch = np.empty((64, m), dtype=z.dtype)
+    bits = scratch.view(np.int32 if z.dtype == np.float32 else np.int64)
+    sel = np.empty((n, cap), dtype=np.int64)  # the kept columns of rows keeping at most cap
+    nb_.afa_select(z, nu, B, bool(buckets), shift, scratch, bits, thr_v, thr_j, counts, sel)
     nnz = int(counts.sum())
     if nnz > _SPARSE_DENSITY * z.size:
         return None
@@ -918,7 +924,7 @@ def _afa_layout_np(z, nu, xc, K=128):
     np.cumsum(counts, out=lay.indptr[1:])
     lay.cols = np.empty(nnz, dtype=np.int64)
     zv = np.empty(nnz, dtype=z.dtype)
-    nb_.afa_fill(z, nu, thr_v, thr_j, lay.indptr, lay.cols, zv)
+    nb_.afa_fill(z, nu, thr_v, thr_j, sel, lay.indptr, lay.cols, zv)
     lay.rows = np.repeat(np.arange(n, dtype=np.int64), counts)
     lay._csc = None
     return lay, zv

@@ -153,8 +153,8 @@ def test_gram_kernel_matches_product(dt, m, monkeypatch):
 
 
 @pytest.mark.parametrize("dt", ["float32", "float64"])
-@pytest.mark.parametrize("K", [2, 8, 128])
-def test_afa_layout_kernel_matches_portable_mask(dt, K):
+@pytest.mark.parametrize("buckets,cap", [(False, 256), (True, 256), (True, 3)])
+def test_afa_layout_kernel_matches_portable_mask(dt, buckets, cap):
     rng = np.random.default_rng(5)
     n, m, d = 40, 300, 12
     z = np.round(rng.standard_normal((n, m)) * 4).astype(dt) / 4  # many ties
@@ -162,7 +162,7 @@ def test_afa_layout_kernel_matches_portable_mask(dt, K):
     nu = rng.uniform(0.5, 1.5, m).astype(dt)
     nu[:50] = 1.0
     xc = rng.standard_normal((n, d)).astype(dt) * rng.uniform(0.1, 6.0, (n, 1)).astype(dt)  # crossings near and far
-    out = sae_mod._afa_layout_np(z, nu, xc, K=K)
+    out = sae_mod._afa_layout_np(z, nu, xc, buckets=buckets, cap=cap)  # cap 3: rows scanned again
     mask = np.logical_and(sae_mod._afa_mask(np.maximum(z, 0), nu, xc, np), z > 0)
     if out is None:  # too dense for a pattern: the caller falls back to the mask
         assert np.count_nonzero(mask) > sae_mod._SPARSE_DENSITY * mask.size
