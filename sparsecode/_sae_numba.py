@@ -273,6 +273,36 @@ def normalise_rows(W, floor, out):
 
 
 # --------------------------------------------------------------------------- matching pursuit
+@nb.njit(fastmath={"nnan", "ninf", "nsz"}, **_FLAGS)
+def _abs_max(C):
+    # max |C[j]| as a vectorised reduction (the flags let LLVM use packed max); exact for
+    # finite values, the caller checks that it finds the value
+    bv = abs(C[0])
+    for j in range(1, C.shape[0]):
+        a = abs(C[j])
+        bv = a if a > bv else bv
+    return bv
+
+
+@nb.njit(inline="always")
+def _first_abs_argmax(C, m):
+    """The first ``j`` with maximal ``|C[j]|`` (as the scalar loop ``if |C[j]| > best``):
+    the maximum by a vectorised pass, then the first entry equal to it; the scalar loop when
+    none is found (non-finite values)."""
+    bv = _abs_max(C)
+    for j in range(m):
+        if abs(C[j]) == bv:
+            return j
+    best = 0
+    bv = abs(C[0])
+    for j in range(1, m):
+        a = abs(C[j])
+        if a > bv:
+            bv = a
+            best = j
+    return best
+
+
 @nb.njit(parallel=True, **_FLAGS)
 def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
     """``k`` matching-pursuit steps per row with the correlations kept up to date through the
@@ -286,13 +316,7 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
     for i in nb.prange(n):
         C = C0[i].copy()
         r = xc[i].copy()
-        best = 0
-        bv = abs(C[0])
-        for j in range(1, m):
-            a = abs(C[j])
-            if a > bv:
-                bv = a
-                best = j
+        best = _first_abs_argmax(C, m)
         for t in range(k):
             c = C[best]
             active = True
@@ -313,18 +337,11 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
             for q in range(d):
                 r[q] = r[q] - c * w[q]
             if t + 1 < k:
-                # update and next argmax in one pass over the row (first maximum kept)
+                # vectorised update, then the next argmax (first maximum kept)
                 g = Gm[best]
-                C[0] = C[0] - c * g[0]
-                best = 0
-                bv = abs(C[0])
-                for j in range(1, m):
-                    x = C[j] - c * g[j]
-                    C[j] = x
-                    a = abs(x)
-                    if a > bv:
-                        bv = a
-                        best = j
+                for j in range(m):
+                    C[j] = C[j] - c * g[j]
+                best = _first_abs_argmax(C, m)
         for q in range(d):
             r_out[i, q] = r[q]
 
