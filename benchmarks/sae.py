@@ -28,7 +28,8 @@ How to read the rows:
   definition. The ``@L0~64`` rows are the meaningful ones for that family.
 * MP-SAE has no encoder weights: its encoder is k sequential pursuit steps, each needing the
   correlations of the residual with all atoms, kept up to date through the Gram matrix
-  ``W_dec @ W_dec.T`` (d_sae^2 d_in multiply-adds, ~4 encoder products by itself) plus k
+  ``W_dec @ W_dec.T`` (d_sae^2 d_in multiply-adds as a product, ~4 encoder products at batch
+  1024; half that by BLAS syrk, which the NumPy path uses) plus k
   (n, d_sae) updates. The TopK-family minimum it is compared with does not count these, so its
   ratio stays below 0.5 by construction. Its row therefore also prints a second, clearly
   labelled yardstick (saved as ``mp_min_s`` / ``mp_ratio``): the products a matching-pursuit
