@@ -584,6 +584,11 @@ def _auxk_forward(z, dead_mask, ka, signed, W_dec, E, aux_coefficient, xp):
     n_dead = int(dead_idx.shape[0])
     z_d = xp.take(z, dead_idx, axis=1)
     ka = min(int(ka), n_dead)
+    kern = get_kernel("sae_auxk_dense", xp)
+    if kern is not None and _ks_is_dense(ka, n_dead):
+        out = kern(z_d, dead_idx, ka, signed, W_dec, E, aux_coefficient)
+        if out is not None:
+            return out
     idx = _topk_indices(xp.abs(z_d) if signed else z_d, ka, xp)
     v_pre = xp.take_along_axis(z_d, idx, axis=1)
     vals = v_pre if signed else _relu(v_pre, xp)
@@ -595,6 +600,8 @@ def _auxk_forward(z, dead_mask, ka, signed, W_dec, E, aux_coefficient, xp):
 
 def _auxk_backward(cache, dead_mask, xc, aux_coefficient, signed, g_Wdec, g_Wenc, g_benc, xp):
     """Add AuxK's gradient to those of ``W_dec`` (m, d), ``W_enc`` (d, m) and ``b_enc``."""
+    if isinstance(cache, _AuxKDense):
+        return cache.backward(dead_mask, xc, aux_coefficient, g_Wdec, g_Wenc, g_benc)
     idx, v_pre, vals, W_d, D_aux, den, n_dead = cache
     g_eh = (2.0 * float(aux_coefficient) / den) * D_aux
     g_v = _ks_sample(idx, g_eh, W_d, xp)
@@ -604,6 +611,38 @@ def _auxk_backward(cache, dead_mask, xc, aux_coefficient, signed, g_Wdec, g_Wenc
     g_Wenc = _add_rows(g_Wenc.T, dead_mask, _ks_rtmatmul(idx, g_v, xc, n_dead, xp).T, xp).T
     g_benc = _add_rows(g_benc, dead_mask, _ks_colsum(idx, g_v, n_dead, xp), xp)
     return g_Wdec, g_Wenc, g_benc
+
+
+class _AuxKDense:
+    """AuxK with the codes of the dead latents as one dense ``(n, n_dead)`` matrix (NumPy, when
+    ``k_aux`` is a large share of the dead latents): the same loss and gradient as the
+    ``(idx, vals)`` path, by BLAS products, without building the dense codes three times."""
+
+    def __init__(self, F, M, W_d, D_aux, den):
+        self.F, self.M, self.W_d, self.D_aux, self.den = F, M, W_d, D_aux, den
+
+    def backward(self, dead_mask, xc, aux_coefficient, g_Wdec, g_Wenc, g_benc):
+        g_eh = (2.0 * float(aux_coefficient) / self.den) * self.D_aux
+        g_F = g_eh @ self.W_d.T
+        g_F *= self.M  # the kept entries (and, unsigned, where the ReLU passes)
+        g_Wdec = _add_rows_np(g_Wdec, dead_mask, np.ascontiguousarray(self.F.T) @ g_eh)
+        g_Wenc = _add_rows_np(g_Wenc.T, dead_mask, np.ascontiguousarray(g_F.T) @ xc).T
+        g_benc = _add_rows_np(g_benc, dead_mask, np.sum(g_F, axis=0))
+        return g_Wdec, g_Wenc, g_benc
+
+
+@register_kernel("sae_auxk_dense", "numpy")
+def _auxk_dense_np(z_d, dead_idx, ka, signed, W_dec, E, aux_coefficient):
+    idx = _topk_indices(np.abs(z_d) if signed else z_d, ka, np)
+    M = np.zeros(z_d.shape, dtype=z_d.dtype)
+    np.put_along_axis(M, idx, 1.0, axis=1)
+    F = z_d * M if signed else np.maximum(z_d, 0) * M  # -0.0 never arises: M is 0 or 1
+    if not signed:
+        M = (F > 0).astype(z_d.dtype)  # the gradient passes where the kept value is positive
+    W_d = np.take(W_dec, dead_idx, axis=0)
+    E_hat = F @ W_d
+    aux, D_aux, den = _auxk_loss(E_hat, E, aux_coefficient, np)
+    return aux, _AuxKDense(F, M, W_d, D_aux, den)
 
 
 # =========================================================================== the model

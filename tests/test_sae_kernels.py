@@ -334,3 +334,23 @@ def test_afa_mask_kernel_matches_portable(n, m, K, scale, ties, seed):
     finally:
         backend._KERNELS[("sae_afa_mask", "numpy")] = kern
     np.testing.assert_array_equal(got, ref)
+
+
+# --------------------------------------------------------------------------- AuxK, dense dead codes
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "batchtopk", "topafa"])
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_auxk_dense_kernel_matches_portable(arch, dt, monkeypatch):
+    sae = sae_mod.SparseAutoencoder.initialize(24, 200, arch, k=6, seed=3, dtype=dt)
+    X = np.random.default_rng(4).standard_normal((40, 24)).astype(dt)
+    dead = np.zeros(200, bool)
+    dead[::3] = True  # 67 dead latents, k_aux 12 of them (dense case)
+    kw = dict(aux_coefficient=0.5, dead_mask=dead, afa_coefficient=1 / 32 if arch == "topafa" else 0.0)
+    loss, G, st = sae_mod.loss_and_grad(sae, X, **kw)
+    _portable("sae_auxk_dense", monkeypatch)
+    loss0, G0, st0 = sae_mod.loss_and_grad(sae, X, **kw)
+    assert st["aux_loss"] > 0
+    tol = dict(rtol=2e-4, atol=1e-6) if dt == "float32" else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(st["aux_loss"], st0["aux_loss"], **tol)
+    np.testing.assert_allclose(loss, loss0, **tol)
+    for key in G0:
+        np.testing.assert_allclose(G[key], G0[key], **tol)
