@@ -644,3 +644,16 @@ def afa_fill(z, nu, thr_v, thr_j, sel, indptr, cols, vals):
                         vals[p] = x
                         p += 1
     return cols
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def add_scaled_rows(G, s, W):
+    """In place: ``G[j] += s[j] * W[j]`` (the same product and sum as ``G + s[:, None] * W``)."""
+    m, d = G.shape
+    for j in nb.prange(m):
+        g = G[j]
+        w = W[j]
+        sj = s[j]
+        for q in range(d):
+            g[q] = g[q] + sj * w[q]
+    return G

@@ -414,6 +414,21 @@ def _add_rows_np(A, mask, R):
     return A
 
 
+def _add_scaled_rows(G, s, W, xp):
+    """``G + s[:, None] * W``; ``G`` is the caller's temporary (NumPy: one pass, in place)."""
+    kern = get_kernel("sae_add_scaled_rows", xp)
+    out = kern(G, s, W) if kern is not None else None
+    return out if out is not None else G + s[:, None] * W
+
+
+@register_kernel("sae_add_scaled_rows", "numpy")
+def _add_scaled_rows_np(G, s, W):
+    if not (G.dtype == W.dtype == s.dtype and G.dtype in (np.float32, np.float64) and G.shape == W.shape
+            and G.flags.c_contiguous and G.flags.writeable and W.flags.c_contiguous):
+        return None
+    return _nb().add_scaled_rows(G, s, W)
+
+
 # ---------------------------------------------------------------- layouts of codes
 class _DenseLayout:
     """Codes as dense ``(n, m)`` arrays, zero outside ``mask``: the portable layout.
@@ -1217,7 +1232,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
     stats = {"penalty_loss": 0.0, "aux_loss": 0.0, "afa_loss": 0.0}
     G = {key: None for key in P}
     g_xc_direct = None  # gradient reaching xc other than through z = xc @ W_enc
-    g_Wdec_extra = None  # gradient on W_dec besides f.T @ g_xhat
+    g_Wdec_extra = None  # gradient on W_dec besides f.T @ g_xhat: g_Wdec_extra[j] * W_dec[j]
 
     # ------------------------------------------------------------- MP-SAE: its own path
     if arch == "mpsae":
@@ -1402,7 +1417,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         elif arch == "relu_april":
             g_fv = g_fv + (lam / n) * lay.col(nu)
             g_nu = (lam / n) * lay.colsum(fv)
-            g_Wdec_extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
+            g_Wdec_extra = g_nu / xp.where(nu > 0, nu, xp.ones_like(nu))
         if afa is not None:
             safeA = xp.where(A_norm > 0, A_norm, xp.ones_like(A_norm))
             safeB = xp.where(B_norm > 0, B_norm, xp.ones_like(B_norm))
@@ -1410,7 +1425,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
             coefA = xp.where(A_norm > 0, coef / safeA, xp.zeros_like(coef))
             g_fv = g_fv + lay.row(coefA) * fv * lay.col(nu * nu)
             g_nu = lay.colsum(lay.row(coefA) * fv * fv) * nu
-            extra = (g_nu / xp.where(nu > 0, nu, xp.ones_like(nu)))[:, None] * W_dec
+            extra = g_nu / xp.where(nu > 0, nu, xp.ones_like(nu))
             g_Wdec_extra = extra if g_Wdec_extra is None else g_Wdec_extra + extra
             coefB = xp.where(B_norm > 0, -coef / safeB, xp.zeros_like(coef))
             g_xc_direct = coefB[:, None] * xc
@@ -1420,8 +1435,8 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
     if aux is not None:
         g_Wdec, g_Wenc, g_benc = _auxk_backward(aux_cache, dead_mask, xc, aux_coefficient, False, g_Wdec, g_Wenc,
                                                 g_benc, xp)
-    if g_Wdec_extra is not None:
-        g_Wdec = g_Wdec + g_Wdec_extra
+    if g_Wdec_extra is not None:  # d nu_j / d W_dec[j] = W_dec[j] / nu_j
+        g_Wdec = _add_scaled_rows(g_Wdec, g_Wdec_extra, W_dec, xp)
     G["W_enc"] = g_Wenc
     G["b_enc"] = g_benc
     G["W_dec"] = g_Wdec

@@ -354,3 +354,13 @@ def test_auxk_dense_kernel_matches_portable(arch, dt, monkeypatch):
     np.testing.assert_allclose(loss, loss0, **tol)
     for key in G0:
         np.testing.assert_allclose(G[key], G0[key], **tol)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_add_scaled_rows_kernel_is_bit_identical(dt):
+    rng = np.random.default_rng(9)
+    G = rng.standard_normal((70, 90)).astype(dt)
+    W = rng.standard_normal((70, 90)).astype(dt)
+    s = rng.standard_normal(70).astype(dt)
+    ref = G + s[:, None] * W
+    np.testing.assert_array_equal(sae_mod._add_scaled_rows(G.copy(), s, W, np), ref)
