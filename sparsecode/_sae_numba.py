@@ -15,6 +15,12 @@ compute the same quantities:
   heap (O(m log k) per row, no copy of the row).
 * ``adam_update``: one fused pass of Adam over a parameter, its gradient and both moments,
   with the portable code's operations in its order and precision (bit-identical results).
+* matching pursuit (MP-SAE): ``mp_gram`` (the k pursuit steps per row through the Gram
+  matrix), ``mirror_lower`` (the full Gram from BLAS syrk's triangle), ``mp_backward`` and
+  ``mp_scatter`` (the backward loop per row, then the rows for ``W_dec`` gathered per atom),
+  ``ks_dense_sum`` (dense codes from possibly repeated (index, value) pairs).
+* top-AFA: ``afa_select`` (each row's crossing of ``||xc||``, sorting only a prefix of the
+  ranking found by value buckets) and ``afa_fill`` (the CSR pattern of the kept entries).
 
 Plain loops compiled in the input's precision; only the dot products of ``csr_sample`` are
 reassociated (``fastmath`` reassoc), so that they vectorise like a BLAS dot.
