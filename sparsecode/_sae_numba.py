@@ -290,6 +290,66 @@ def _abs_max(C):
     return bv
 
 
+@nb.njit(fastmath={"nnan", "ninf", "nsz"}, **_FLAGS)
+def _update_abs_max(C, g, c):
+    # C -= c g and max |C| in the same pass, unrolled by 8 with 8 running maxima (LLVM packs
+    # them: ~30% less time than the update and _abs_max as two loops). The flags allow no
+    # contraction: C gets the portable loop's values exactly; the maximum is exact for
+    # finite values (the caller's search falls back otherwise)
+    m = C.shape[0]
+    z = C[0] - C[0]  # 0 in C's precision (float64 arithmetic here would not pack)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+    m8 = m - m % 8
+    for j in range(0, m8, 8):
+        v0 = C[j] - c * g[j]
+        v1 = C[j + 1] - c * g[j + 1]
+        v2 = C[j + 2] - c * g[j + 2]
+        v3 = C[j + 3] - c * g[j + 3]
+        v4 = C[j + 4] - c * g[j + 4]
+        v5 = C[j + 5] - c * g[j + 5]
+        v6 = C[j + 6] - c * g[j + 6]
+        v7 = C[j + 7] - c * g[j + 7]
+        C[j] = v0
+        C[j + 1] = v1
+        C[j + 2] = v2
+        C[j + 3] = v3
+        C[j + 4] = v4
+        C[j + 5] = v5
+        C[j + 6] = v6
+        C[j + 7] = v7
+        a0 = max(a0, abs(v0))
+        a1 = max(a1, abs(v1))
+        a2 = max(a2, abs(v2))
+        a3 = max(a3, abs(v3))
+        a4 = max(a4, abs(v4))
+        a5 = max(a5, abs(v5))
+        a6 = max(a6, abs(v6))
+        a7 = max(a7, abs(v7))
+    bv = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
+    for j in range(m8, m):
+        v = C[j] - c * g[j]
+        C[j] = v
+        bv = max(bv, abs(v))
+    return bv
+
+
+@nb.njit(inline="always")
+def _find_abs(C, m, bv):
+    """The first ``j`` with ``|C[j]| == bv``; if none (non-finite values), the first maximum
+    by the scalar loop ``if |C[j]| > best``."""
+    for j in range(m):
+        if abs(C[j]) == bv:
+            return j
+    best = 0
+    bv = abs(C[0])
+    for j in range(1, m):
+        a = abs(C[j])
+        if a > bv:
+            bv = a
+            best = j
+    return best
+
+
 @nb.njit(inline="always")
 def _first_abs_argmax(C, m):
     """The first ``j`` with maximal ``|C[j]|`` (as the scalar loop ``if |C[j]| > best``):
@@ -316,11 +376,13 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
     by row, operation for operation. ``j = argmax |C|`` (first maximum),
     ``c = C[j]`` (0 once ``||r||^2 <= tol`` when ``use_tol``), ``r -= c W[j]``,
     ``C -= c Gm[j]``. Writes ``js``, ``cs``, ``act`` (n, k), the residual before each step in
-    ``Rh`` (k, n, d) when ``record``, and the final residual in ``r_out``."""
+    ``Rh`` (k, n, d) when ``record``, and the final residual in ``r_out``. ``C0`` (the
+    correlations of ``xc``) is overwritten."""
     n, m = C0.shape
     d = xc.shape[1]
+    zero = np.zeros(1, dtype=C0.dtype)[0]  # c stays in the input's precision
     for i in nb.prange(n):
-        C = C0[i].copy()
+        C = C0[i]  # updated in place (the caller's scratch)
         r = xc[i].copy()
         best = _first_abs_argmax(C, m)
         for t in range(k):
@@ -332,7 +394,7 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
                     s += r[q] * r[q]
                 active = s > tol
                 if not active:
-                    c = c * 0.0
+                    c = zero
             js[i, t] = best
             cs[i, t] = c
             act[i, t] = active
@@ -344,10 +406,8 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
                 r[q] = r[q] - c * w[q]
             if t + 1 < k:
                 # vectorised update, then the next argmax (first maximum kept)
-                g = Gm[best]
-                for j in range(m):
-                    C[j] = C[j] - c * g[j]
-                best = _first_abs_argmax(C, m)
+                # the update and max |C| in one pass, then the first entry equal to it
+                best = _find_abs(C, m, _update_abs_max(C, Gm[best], c))
         for q in range(d):
             r_out[i, q] = r[q]
 

@@ -1108,6 +1108,8 @@ def _ks_dense_sum(idx, vals, m, xp):
 
 @register_kernel("sae_mp_gram", "numpy")
 def _mp_gram_np(C, xc, W, Gm, k, tol, record):
+    """The pursuit fused per row (Numba); ``C`` (the correlations ``xc @ W.T``, a scratch the
+    caller does not keep) is updated in place."""
     n, d = xc.shape
     js = np.empty((n, k), dtype=np.int64)
     cs = np.empty((n, k), dtype=xc.dtype)
