@@ -140,6 +140,20 @@ def test_mp_gram_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
         assert (a is None) == (a0 is None) and (a is None or np.array_equal(a, a0))
 
 
+def test_mp_gram_kernel_same_atoms_float32_at_size(monkeypatch):
+    # many steps over many atoms in float32: the kernel must do the portable arithmetic in the
+    # input's precision (a float64 coefficient once chose other atoms for most rows)
+    sae = sae_mod.SparseAutoencoder.initialize(96, 768, "mpsae", k=24, seed=0, dtype="float32")
+    X = np.random.default_rng(2).standard_normal((64, 96)).astype("float32")
+    _, r, steps = sae_mod._mp_forward(sae, X, np, record=True)
+    _portable("sae_mp_gram", monkeypatch)
+    _, r0, steps0 = sae_mod._mp_forward(sae, X, np, record=True)
+    for (j, c, _, _), (j0, c0, _, _) in zip(steps, steps0):
+        np.testing.assert_array_equal(j, j0)
+        np.testing.assert_array_equal(c, c0)
+    np.testing.assert_array_equal(r, r0)
+
+
 @pytest.mark.parametrize("dt", ["float32", "float64"])
 @pytest.mark.parametrize("m", [64, 200])
 def test_gram_kernel_matches_product(dt, m, monkeypatch):
