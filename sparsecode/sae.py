@@ -129,18 +129,6 @@ def _codes_tmatmul(F, G, xp):
     return kern(F, G) if kern is not None else F.T @ G
 
 
-def _masked_matmul_t(G, W, mask, xp):
-    """``(G @ W.T) * mask`` for ``G (n, d)``, ``W (m, d)`` and a boolean ``mask (n, m)``.
-
-    Only the entries under the mask are needed (a sampled product): the NumPy kernel computes
-    just those when the mask is sparse.
-    """
-    kern = get_kernel("sae_masked_matmul_t", xp)
-    if kern is not None:
-        return kern(G, W, mask)
-    return xp.where(mask, G @ W.T, xp.zeros((1,), dtype=G.dtype))
-
-
 def _scatter_rows(idx, R, m, xp):
     """``out[idx[i]] += R[i]`` for ``idx (N,)`` ints in ``[0, m)`` and ``R (N, d)``: shape (m, d)."""
     kern = get_kernel("sae_scatter_rows", xp)
@@ -175,16 +163,6 @@ def _codes_tmatmul_np(F, G):
         return F.T @ G
     lay = _PatternLayout(F != 0)
     return lay.tmatmul(lay.gather(F), G)
-
-
-@register_kernel("sae_masked_matmul_t", "numpy")
-def _masked_matmul_t_np(G, W, mask):
-    if np.count_nonzero(mask) > _SPARSE_DENSITY * mask.size:
-        return np.where(mask, G @ W.T, 0).astype(G.dtype, copy=False)
-    lay = _PatternLayout(mask)
-    out = np.zeros(mask.shape, dtype=G.dtype)
-    out[lay.rows, lay.cols] = lay.sample(G, W)
-    return out
 
 
 @register_kernel("sae_scatter_rows", "numpy")
