@@ -759,12 +759,8 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
         return xp.matmul(GW, xp.reshape(v, (b, m, 1)))[:, :, 0]
 
     def restricted(zz, gzz):
-        """(primal, gap) of each set's problem, as ``_lasso_numba.subproblem_gap``."""
-        zc, zgz = xp.sum(zz * c, axis=1), xp.sum(zz * gzz, axis=1)
-        r2 = xp.maximum(x2 - 2.0 * zc + zgz, xp.zeros_like(x2))
-        p = 0.5 * r2 + xp.sum(w * xp.abs(zz), axis=1)
-        s = _dual_scale(c - gzz, w, positive, xp)
-        return p, xp.maximum(p - (s * (x2 - zc) - 0.5 * s * s * r2), xp.zeros_like(p))
+        """(primal, gap) of each set's problem, from its Gram quantities (``c``, ``G_W z``)."""
+        return _primal_dual_gram(c, gzz, zz, x2, w, positive, xp)
 
     col = lambda v: xp.reshape(v, (b, 1))  # noqa: E731
     if L_fixed > 0:
@@ -777,8 +773,9 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
     t = xp.ones((b,), dtype=G.dtype, device=dev)
     it = xp.zeros((b,), dtype=budget.dtype, device=dev)
     running = budget > 0
-    fresh = xp.ones((b,), dtype=xp.bool, device=dev)
-    f_prev = restricted(z, gz)[0] if restart == 1 else None
+    if restart == 1:  # the step after a rejection is never rejected (see the Numba twin)
+        fresh = xp.ones((b,), dtype=xp.bool, device=dev)
+        f_prev = restricted(z, gz)[0]
     while bool(xp.any(running)):
         it = it + xp.astype(running, it.dtype)
         vstep = y - (gy - c) / col(L)
@@ -797,8 +794,6 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
             reject = bad | rise
             f_prev = xp.where(running & ~reject, f_new, f_prev)
             fresh = xp.where(running & ~bad, rise, fresh)
-        else:
-            fresh = fresh & ~running
         reset = xp.sum((y - zn) * (zn - z), axis=1) > 0 if restart == 2 else xp.zeros_like(bad)
         L = xp.where(running & bad, 1.5 * L, L)
         accept = running & ~reject
