@@ -45,6 +45,15 @@ def _row_times_gram(Y, G, i):
     return q
 
 
+def _shrink(v, t, positive):
+    """Soft threshold of one value, ``sign(v) max(|v| - t, 0)`` (``max(v - t, 0)`` when positive)."""
+    if v > t:
+        return v - t
+    if v < -t and not positive:
+        return v + t
+    return 0.0
+
+
 def _prox_grad_row(Y, G, C, L, thr, positive, Z, A_prev, i, want_dot):
     """Row ``i`` of ``Z = prox(Y - (Y @ G - C) / L)``; returns ``(y - z) . (z - a)`` if asked."""
     k = Y.shape[1]
@@ -52,17 +61,7 @@ def _prox_grad_row(Y, G, C, L, thr, positive, Z, A_prev, i, want_dot):
     acc = 0.0
     for m in range(k):
         # both divided by L: at y = 0 and alpha = max|c| the code is exactly zero
-        v = Y[i, m] - (q[m] - C[i, m]) / L
-        t = thr[m] / L
-        if positive:
-            z = v - t if v > t else 0.0
-        elif v > t:
-            z = v - t
-        elif v < -t:
-            z = v + t
-        else:
-            z = 0.0
-        Z[i, m] = z
+        Z[i, m] = shrink(Y[i, m] - (q[m] - C[i, m]) / L, thr[m] / L, positive)
         if want_dot:
             zz = Z[i, m]  # the stored (possibly float32) value
             acc += (Y[i, m] - zz) * (zz - A_prev[i, m])
@@ -107,6 +106,7 @@ def _sparse_times_gram(A, G, Q):
     return Q
 
 
+shrink = nb.njit(cache=True, inline="always")(_shrink)
 row_times_gram = nb.njit(cache=True)(_row_times_gram)
 prox_grad_row = nb.njit(cache=True)(_prox_grad_row)
 # The same loops compiled twice: waking the thread pool costs more than the whole step on
@@ -226,14 +226,7 @@ def _fista_on_set(GW, c, w, z, gz, y, gy, zn, gzn, m, x2, L, positive, budget, t
     while it < budget:
         it += 1
         for a in range(m):
-            vstep = y[a] - (gy[a] - c[a]) / L
-            tt = w[a] / L
-            if vstep > tt:
-                zn[a] = vstep - tt
-            elif vstep < -tt and not positive:
-                zn[a] = vstep + tt
-            else:
-                zn[a] = 0.0
+            zn[a] = shrink(y[a] - (gy[a] - c[a]) / L, w[a] / L, positive)
         gram_axpy(GW, zn, gzn, m)
         # majorisation: (zn - y).G(zn - y) <= L ||zn - y||^2
         dGd = 0.0
