@@ -660,6 +660,20 @@ if _numba_available():
         other work on the machine does not hold up the rest."""
         return max(1, min(n, 16 * numba.get_num_threads()))
 
+    @numba.njit(cache=True, inline="always")
+    def _next_atom(alpha, blocked, by_magnitude):
+        """(value, index) of the largest ``|alpha_q|`` (``alpha_q`` if not ``by_magnitude``)
+        over the atoms not blocked, first maximum kept; index -1 when none is above -1."""
+        best = -1.0
+        jb = -1
+        for q in range(alpha.shape[0]):
+            if not blocked[q]:
+                v = abs(alpha[q]) if by_magnitude else alpha[q]
+                if v > best:
+                    best = v
+                    jb = q
+        return best, jb
+
     @numba.njit(parallel=True, cache=True, fastmath=False)
     def _omp_numba(alpha0, G, gdiag, xnorm2, thr, selectable, s_max, tol, d_floor, nblocks, S, coef, n_steps):
         n, k = alpha0.shape
@@ -679,14 +693,7 @@ if _numba_available():
                 e = xnorm2[i]
                 t = 0
                 while t < s_max and e > tol and xnorm2[i] > 0:
-                    best = -1.0
-                    jb = -1
-                    for q in range(k):
-                        if not blocked[q]:
-                            v = abs(alpha[q])
-                            if v > best:
-                                best = v
-                                jb = q
+                    best, jb = _next_atom(alpha, blocked, True)
                     if jb < 0 or best <= thr[i]:
                         break
                     d2 = gdiag[jb]
@@ -924,13 +931,7 @@ if _numba_available():
                 t = 0
                 npas = 0
                 while t < s_max and e > tol and xnorm2[i] > 0:
-                    best = -1.0
-                    jb = -1
-                    for q in range(k):
-                        if not blocked[q]:
-                            if alpha[q] > best:
-                                best = alpha[q]
-                                jb = q
+                    best, jb = _next_atom(alpha, blocked, False)
                     if jb < 0 or best <= thr[i]:
                         break
                     Si[t] = jb
@@ -959,40 +960,31 @@ if _numba_available():
                     coef[i, l] = gamma[l]
                 n_steps[i] = t
 
+    def _run_omp_kernel(kernel, alpha0, G, xnorm2, thr, usable, s_max, tol, eps):
+        """Call a Numba OMP kernel on contiguous inputs; (S, coef, n_steps) cut to the longest support."""
+        n, k = alpha0.shape
+        G = np.ascontiguousarray(G)
+        S = np.full((n, s_max), -1, dtype=np.int64)
+        coef = np.zeros((n, s_max), dtype=alpha0.dtype)
+        n_steps = np.zeros(n, dtype=np.int64)
+        tol_v = -np.inf if tol is None else float(tol)
+        kernel(np.ascontiguousarray(alpha0), G, np.ascontiguousarray(np.diagonal(G)), np.ascontiguousarray(xnorm2),
+               np.ascontiguousarray(thr), np.ascontiguousarray(usable), int(s_max), tol_v,
+               10.0 * eps, _n_blocks(n), S, coef, n_steps)
+        T = int(n_steps.max()) if n else 0
+        return S[:, :T], coef[:, :T], n_steps
+
     @register_kernel("omp_nonneg", "numpy")
     def _omp_nonneg_numpy_kernel(alpha0, G, xnorm2, thr, usable, s_max, tol, eps):
         """Numba non-negative OMP: the portable algorithm (positive selection, warm-started
         Lawson-Hanson refit) one sample at a time, samples in parallel blocks."""
-        n, k = alpha0.shape
-        dt = alpha0.dtype
-        S = np.full((n, s_max), -1, dtype=np.int64)
-        coef = np.zeros((n, s_max), dtype=dt)
-        n_steps = np.zeros(n, dtype=np.int64)
-        tol_v = -np.inf if tol is None else float(tol)
-        _omp_nonneg_numba(np.ascontiguousarray(alpha0), np.ascontiguousarray(G),
-                          np.ascontiguousarray(np.diagonal(G)), np.ascontiguousarray(xnorm2),
-                          np.ascontiguousarray(thr), np.ascontiguousarray(usable), int(s_max), tol_v,
-                          10.0 * eps, _n_blocks(n), S, coef, n_steps)
-        T = int(n_steps.max()) if n else 0
-        return S[:, :T], coef[:, :T], n_steps
+        return _run_omp_kernel(_omp_nonneg_numba, alpha0, G, xnorm2, thr, usable, s_max, tol, eps)
 
     @register_kernel("omp", "numpy")
     def _omp_numpy_kernel(alpha0, G, xnorm2, thr, usable, s_max, tol, eps):
         """Numba batch-OMP: same algorithm as :func:`_omp_block`, one sample per loop turn,
         samples split into blocks run in parallel (``numba.prange``)."""
-        n, k = alpha0.shape
-        dt = alpha0.dtype
-        alpha0 = np.ascontiguousarray(alpha0)
-        G = np.ascontiguousarray(G)
-        S = np.full((n, s_max), -1, dtype=np.int64)
-        coef = np.zeros((n, s_max), dtype=dt)
-        n_steps = np.zeros(n, dtype=np.int64)
-        tol_v = -np.inf if tol is None else float(tol)
-        _omp_numba(alpha0, G, np.ascontiguousarray(np.diagonal(G)), np.ascontiguousarray(xnorm2),
-                   np.ascontiguousarray(thr), np.ascontiguousarray(usable), int(s_max), tol_v,
-                   10.0 * eps, _n_blocks(n), S, coef, n_steps)
-        T = int(n_steps.max()) if n else 0
-        return S[:, :T], coef[:, :T], n_steps
+        return _run_omp_kernel(_omp_numba, alpha0, G, xnorm2, thr, usable, s_max, tol, eps)
 
 
 # --------------------------------------------------------------------------- IHT
