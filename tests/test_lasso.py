@@ -17,7 +17,15 @@ from sklearn.decomposition import sparse_encode as sk_sparse_encode
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import Lasso
 
-from sparsecode import duality_gap, fista, ista, lasso_objective, lipschitz_constant, sparse_encode
+from sparsecode import (
+    duality_gap,
+    fista,
+    ista,
+    lasso_objective,
+    lipschitz_constant,
+    make_sparse_signals,
+    sparse_encode,
+)
 from sparsecode.lasso import alpha_max
 from sparsecode.result import ConvergenceHistory, SparseCodingResult
 
@@ -865,13 +873,7 @@ def test_init_as_list_and_foreign_alpha(xp):
 # --------------------------------------------------------------------------- working sets
 def _sparse_problem(n=6, f=24, k=120, nnz=4, seed=0, positive=False):
     """Signals made of few atoms of a larger dictionary, alpha giving sparse codes."""
-    rng = np.random.default_rng(seed)
-    D = rng.standard_normal((k, f))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    A = np.zeros((n, k))
-    for i in range(n):
-        A[i, rng.choice(k, nnz, replace=False)] = rng.standard_normal(nnz) if not positive else rng.random(nnz) + 0.5
-    X = A @ D + 0.01 * rng.standard_normal((n, f))
+    X, D, _ = make_sparse_signals(n, f, k, nnz, noise=0.01, positive=positive, seed=seed)
     C = X @ D.T
     return X, D, 0.1 * float(C.max() if positive else np.abs(C).max())
 
