@@ -169,8 +169,7 @@ def _dual_scale(C, alpha, positive, xp):
     return xp.minimum(xp.min(ratio, axis=1), xp.ones_like(ratio[:, 0]))
 
 
-def _primal_dual64(X, D, A, alpha, positive, xp, R=None, correlations=False):
-    """(primal, gap), and with ``correlations`` also ``C = D r`` per row and the dual scale."""
+def _primal_dual64(X, D, A, alpha, positive, xp, R=None):
     if R is None:
         R = X - A @ D  # residual
     C = R @ D.T  # correlations D r, (n, k)
@@ -182,7 +181,7 @@ def _primal_dual64(X, D, A, alpha, positive, xp, R=None, correlations=False):
     dual = 0.5 * xp.sum(X * X, axis=1) - 0.5 * xp.sum(diff * diff, axis=1)
     gap = primal - dual
     gap = xp.maximum(gap, xp.zeros_like(gap))  # rounding can make a zero gap slightly negative
-    return (primal, gap, C, s) if correlations else (primal, gap)
+    return primal, gap
 
 
 def lasso_objective(X, D, A, alpha, positive: bool = False):
@@ -635,7 +634,7 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
     solve = get_kernel("lasso_ws_subproblems", xp) or _ws_subproblems_portable
 
     idx = xp.arange(n, device=dev)
-    Xa, Ca, x2a, Aa = X64, C, x2, A
+    Ca, x2a, Aa = C, x2, A
     iters = xp.zeros((n,), dtype=xp.int64, device=dev)
     Ls = xp.zeros((n,), dtype=f64, device=dev)  # each sample's step constant, carried across rounds
     done_idx, done_A, done_it, done_p, done_g = [], [], [], [], []
@@ -648,7 +647,7 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
         bar = tqdm(desc="fista (working sets)", unit="round")
     while True:
         t0 = time.perf_counter()
-        primal, gap, W, sizes = select(Aa, Xa, D64, thr, inv_norm, positive, _WS_MIN_SIZE, xp, G=G, C=Ca, x2=x2a)
+        primal, gap, W, sizes = select(Aa, G, Ca, x2a, thr, inv_norm, positive, _WS_MIN_SIZE, xp)
         finish = xp.logical_or(_relative(gap, primal, xp) <= tol, iters >= max_iter)
         if stop_user:
             finish = xp.ones_like(finish)
@@ -656,8 +655,8 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
             sel, keep = xp.nonzero(finish)[0], xp.nonzero(xp.logical_not(finish))[0]
             for lst, M in ((done_idx, idx), (done_A, Aa), (done_it, iters), (done_p, primal), (done_g, gap)):
                 lst.append(xp.take(M, sel, axis=0))
-            idx, Aa, Xa, Ca, x2a, iters, Ls, primal, gap, W, sizes = (
-                xp.take(M, keep, axis=0) for M in (idx, Aa, Xa, Ca, x2a, iters, Ls, primal, gap, W, sizes))
+            idx, Aa, Ca, x2a, iters, Ls, primal, gap, W, sizes = (
+                xp.take(M, keep, axis=0) for M in (idx, Aa, Ca, x2a, iters, Ls, primal, gap, W, sizes))
         elapsed += time.perf_counter() - t0
         if history:
             p_all = xp.concat(done_p + [primal])
@@ -707,12 +706,13 @@ def _fista_working_set(X, D, alpha, *, positive, max_iter, tol, init, lipschitz,
     )
 
 
-def _ws_certify_select_portable(A, X, D, thr, inv_norm, positive, m0, xp, **_):
-    """Full-problem (primal, gap) per row and the next working sets ``W`` (n, max size), the
-    first ``sizes[i]`` entries of row ``i`` being its set (support first, then by score)."""
+def _ws_certify_select_portable(A, G, C, x2, thr, inv_norm, positive, m0, xp):
+    """Full-problem (primal, gap) per row from Gram quantities and the next working sets ``W``
+    (n, max size), the first ``sizes[i]`` entries of row ``i`` being its set (support first,
+    then by score)."""
     k = A.shape[1]
     alpha = xp.reshape(thr, (1, k))
-    primal, gap, corr, s = _primal_dual64(X, D, A, alpha, positive, xp, correlations=True)
+    primal, gap, corr, s = _primal_dual_gram(C, A @ G, A, x2, alpha, positive, xp, correlations=True)
     cc = corr if positive else xp.abs(corr)
     inv = xp.reshape(inv_norm, (1, k))
     score = xp.where(inv > 0, (alpha - xp.reshape(s, (-1, 1)) * cc) * inv, xp.full_like(cc, float("inf")))
@@ -815,9 +815,9 @@ def _ws_block(G, C, x2, A, W, sizes, thr, positive, budget, target, restart, che
 
 
 @register_kernel("lasso_ws_certify_select", "numpy")
-def _ws_certify_select_numpy(A, X, D, thr, inv_norm, positive, m0, xp=None, *, G, C, x2):
-    """Numba twin of ``_ws_certify_select_portable``, from Gram quantities (the sparse
-    ``A @ G`` reads nnz rows of ``G`` per sample, cheaper than the residual's two products)."""
+def _ws_certify_select_numpy(A, G, C, x2, thr, inv_norm, positive, m0, xp=None):
+    """Numba twin of ``_ws_certify_select_portable`` (its sparse ``A @ G`` reads nnz rows of
+    ``G`` per sample)."""
     from ._lasso_numba import certify_select, certify_select_serial
 
     n, k = A.shape
@@ -901,9 +901,10 @@ def _sparse_times_gram_numpy(A, G):
     return sparse_times_gram(A, G, np.empty(A.shape, dtype=np.float64))
 
 
-def _primal_dual_gram(XDt, Q, A, x2, alpha, positive, xp):
+def _primal_dual_gram(XDt, Q, A, x2, alpha, positive, xp, correlations=False):
     """Primal and gap from Gram quantities (float64): ``D r = c - A G``,
-    ``||r||^2 = ||x||^2 - 2 a.c + a.(A G)``, ``x.r = ||x||^2 - a.c``; no residual formed."""
+    ``||r||^2 = ||x||^2 - 2 a.c + a.(A G)``, ``x.r = ||x||^2 - a.c``; no residual formed.
+    With ``correlations`` also ``D r`` per row and the dual scale."""
     if XDt.dtype != xp.float64:
         XDt, A = xp.astype(XDt, xp.float64), xp.astype(A, xp.float64)
         if not isinstance(alpha, float):
@@ -915,7 +916,7 @@ def _primal_dual_gram(XDt, Q, A, x2, alpha, positive, xp):
     s = _dual_scale(C, alpha, positive, xp)
     dual = s * (x2 - ac) - 0.5 * s * s * r2
     gap = xp.maximum(primal - dual, xp.zeros_like(primal))
-    return primal, gap
+    return (primal, gap, C, s) if correlations else (primal, gap)
 
 
 def _backtrack(Y, G_y, X_, La, prox, smooth, alpha, xp, eta=2.0, max_tries=60):

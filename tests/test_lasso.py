@@ -916,9 +916,9 @@ def test_working_set_kernels_match_their_portable_twins():
         thr = alpha * (0.5 + rng.random(60))  # per-atom weights
         norms = np.linalg.norm(D, axis=1)
         G, C, x2 = D @ D.T, X @ D.T, np.sum(X * X, axis=1)
-        p1, g1, W1, s1 = _ws_certify_select_numpy(A, X, D, thr, 1 / norms, positive, 8, G=G, C=C, x2=x2)
-        p2, g2, W2, s2 = _ws_certify_select_portable(xs.asarray(A), xs.asarray(X), xs.asarray(D), xs.asarray(thr),
-                                                     xs.asarray(1 / norms), positive, 8, xs)
+        p1, g1, W1, s1 = _ws_certify_select_numpy(A, G, C, x2, thr, 1 / norms, positive, 8)
+        p2, g2, W2, s2 = _ws_certify_select_portable(*(xs.asarray(v) for v in (A, G, C, x2, thr, 1 / norms)),
+                                                     positive, 8, xs)
         np.testing.assert_allclose(p1, npx(p2), rtol=1e-12)
         np.testing.assert_allclose(g1, npx(g2), rtol=1e-9, atol=1e-12 * p1.max())
         np.testing.assert_array_equal(s1, npx(s2))
