@@ -16,9 +16,11 @@ compute the same quantities:
 * ``adam_update``: one fused pass of Adam over a parameter, its gradient and both moments,
   with the portable code's operations in its order and precision (bit-identical results).
 * matching pursuit (MP-SAE): ``mp_gram`` (the k pursuit steps per row through the Gram
-  matrix), ``mirror_lower`` (the full Gram from BLAS syrk's triangle), ``mp_backward`` and
-  ``mp_scatter`` (the backward loop per row, then the rows for ``W_dec`` gathered per atom),
-  ``ks_dense_sum`` (dense codes from possibly repeated (index, value) pairs).
+  matrix), ``mirror_lower`` (the full Gram from BLAS syrk's triangle), ``mp_backward`` (the
+  backward loop per row, residuals recovered from the final one, rows for ``W_dec`` added
+  into one accumulator per chunk of rows) and ``sum_chunks``, ``ks_dense_sum`` (dense codes
+  from possibly repeated (index, value) pairs) and ``ks_code_stats`` (their nonzero count
+  and fired latents without forming them).
 * top-AFA: ``afa_select`` (each row's crossing of ``||xc||``, sorting only a prefix of the
   ranking found by value buckets) and ``afa_fill`` (the CSR pattern of the kept entries).
 
@@ -370,14 +372,14 @@ def _first_abs_argmax(C, m):
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
+def mp_gram(C0, xc, W, Gm, k, tol, use_tol, js, cs, act, r_out):
     """``k`` matching-pursuit steps per row with the correlations kept up to date through the
     Gram matrix ``Gm = W @ W.T``: the portable loop of ``sae._mp_forward`` (Gram branch) row
     by row, operation for operation. ``j = argmax |C|`` (first maximum),
     ``c = C[j]`` (0 once ``||r||^2 <= tol`` when ``use_tol``), ``r -= c W[j]``,
-    ``C -= c Gm[j]``. Writes ``js``, ``cs``, ``act`` (n, k), the residual before each step in
-    ``Rh`` (k, n, d) when ``record``, and the final residual in ``r_out``. ``C0`` (the
-    correlations of ``xc``) is overwritten."""
+    ``C -= c Gm[j]``. Writes ``js``, ``cs``, ``act`` (n, k) and the final residual in
+    ``r_out``; the residuals before each step are not kept (:func:`mp_backward` recovers
+    them from the final one). ``C0`` (the correlations of ``xc``) is overwritten."""
     n, m = C0.shape
     d = xc.shape[1]
     zero = np.zeros(1, dtype=C0.dtype)[0]  # c stays in the input's precision
@@ -398,14 +400,10 @@ def mp_gram(C0, xc, W, Gm, k, tol, use_tol, record, js, cs, act, Rh, r_out):
             js[i, t] = best
             cs[i, t] = c
             act[i, t] = active
-            if record:
-                for q in range(d):
-                    Rh[t, i, q] = r[q]
             w = W[best]
             for q in range(d):
                 r[q] = r[q] - c * w[q]
             if t + 1 < k:
-                # vectorised update, then the next argmax (first maximum kept)
                 # the update and max |C| in one pass, then the first entry equal to it
                 best = _find_abs(C, m, _update_abs_max(C, Gm[best], c))
         for q in range(d):
@@ -495,51 +493,103 @@ def mirror_lower(A):
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def mp_backward(W, js, cs, act, use_tol, Rh, r, scale, g_r_out):
+def mp_backward(W, js, cs, act, use_tol, r, scale, g_r_out, acc):
     """The backward pass of :func:`mp_gram`, per row and in reverse step order, as the
     portable loop of ``sae.loss_and_grad`` (MP-SAE): ``g_r = scale * r``; step ``t``:
-    ``g_c = -g_r . W[j]`` (0 where inactive), the row ``-c g_r + g_c r_t`` for ``W_dec[j]``
-    written over ``Rh[t, i]`` (the recorded ``r_t``, not needed afterwards), and
-    ``g_r += g_c W[j]``. The final ``g_r`` goes to ``g_r_out``."""
+    ``g_c = -g_r . W[j]`` (0 where inactive), the row ``-c g_r + g_c r_t`` added to
+    ``W_dec[j]``'s gradient, ``g_r += g_c W[j]``. The residual before step ``t`` is recovered
+    from the one after it, ``r_t = r_{t+1} + c W[j]`` (nothing recorded in the forward pass:
+    at batch 4096 that was 300 MB written and read twice). Rows are dealt to
+    ``acc.shape[0]`` contiguous chunks, each adding into its own zeroed ``acc[b]`` (m, d);
+    the caller sums them (so the gradient's rounding depends on the number of chunks). The
+    final ``g_r`` goes to ``g_r_out``."""
     n, k = js.shape
     d = W.shape[1]
-    for i in nb.prange(n):
-        g = g_r_out[i]
-        for q in range(d):
-            g[q] = scale * r[i, q]
-        for t in range(k - 1, -1, -1):
-            w = W[js[i, t]]
-            s = g[0] * 0.0
+    nchunk = acc.shape[0]
+    per = (n + nchunk - 1) // nchunk
+    for b in nb.prange(nchunk):
+        A = acc[b]
+        rt = np.empty(d, dtype=r.dtype)
+        for i in range(b * per, min(n, (b + 1) * per)):
+            g = g_r_out[i]
             for q in range(d):
-                s += g[q] * w[q]
-            gc = -s
-            if use_tol and not act[i, t]:
-                gc = gc * 0.0
-            c = cs[i, t]
-            rt = Rh[t, i]
-            for q in range(d):
-                rt[q] = -c * g[q] + gc * rt[q]
-            for q in range(d):
-                g[q] = g[q] + gc * w[q]
+                g[q] = scale * r[i, q]
+                rt[q] = r[i, q]
+            for t in range(k - 1, -1, -1):
+                j = js[i, t]
+                w = W[j]
+                c = cs[i, t]
+                s = g[0] * 0.0
+                for q in range(d):
+                    s += g[q] * w[q]
+                gc = -s
+                if use_tol and not act[i, t]:
+                    gc = gc * 0.0
+                a = A[j]
+                for q in range(d):
+                    v = rt[q] + c * w[q]  # r_t from r_{t+1}
+                    rt[q] = v
+                    a[q] += -c * g[q] + gc * v
+                for q in range(d):
+                    g[q] = g[q] + gc * w[q]
     return g_r_out
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def mp_scatter(colptr, perm, k, Rh, out):
-    """``out[j] = sum of the rows Rh[t, i]`` over the entries ``p = i k + t`` of column ``j``
-    (in ``perm``'s order; rows ascending): the scatter of ``mp_backward``'s rows."""
-    m = out.shape[0]
-    d = out.shape[1]
+def sum_chunks(acc, out):
+    """``out = acc.sum(axis=0)`` for (nchunk, m, d) ``acc``, rows in parallel, chunks in order."""
+    nchunk, m, d = acc.shape
     for j in nb.prange(m):
         o = out[j]
         for q in range(d):
-            o[q] = 0.0
-        for u in range(colptr[j], colptr[j + 1]):
-            p = perm[u]
-            rt = Rh[p % k, p // k]
+            o[q] = acc[0, j, q]
+        for b in range(1, nchunk):
+            a = acc[b, j]
             for q in range(d):
-                o[q] += rt[q]
+                o[q] += a[q]
     return out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def ks_code_stats(idx, vals, fired):
+    """For codes given as possibly repeated (index, value) pairs per row (summed, as
+    :func:`ks_dense_sum`): the number of nonzero entries of each row, and ``fired[j]`` set
+    for every latent nonzero in some row, without forming the (n, m) codes."""
+    n, k = idx.shape
+    counts = np.zeros(n, dtype=np.int64)
+    for i in nb.prange(n):
+        cnt = 0
+        for t in range(k):
+            j = idx[i, t]
+            first = True
+            for u in range(t):
+                if idx[i, u] == j:
+                    first = False
+                    break
+            if not first:
+                continue
+            v = vals[i, t]
+            for u in range(t + 1, k):
+                if idx[i, u] == j:
+                    v += vals[i, u]
+            if v != 0:
+                cnt += 1
+        counts[i] = cnt
+    for i in range(n):  # serial: each latent is marked once per row it fires in, no races
+        for t in range(k):
+            j = idx[i, t]
+            if not fired[j]:
+                v = vals[i, t]
+                for u in range(k):
+                    if u != t and idx[i, u] == j:
+                        v = vals[i, t] * 0.0
+                        for uu in range(k):
+                            if idx[i, uu] == j:
+                                v += vals[i, uu]
+                        break
+                if v != 0:
+                    fired[j] = True
+    return counts
 
 
 @nb.njit(parallel=True, **_FLAGS)

@@ -962,13 +962,15 @@ def _afa_layout_np(z, nu, xc, buckets=True, cap=256):
     return lay, zv
 
 
-def _mp_forward(sae, xc, xp, record=False):
+def _mp_forward(sae, xc, xp, record=False, dense=True):
     """Unrolled matching pursuit of ``xc`` over the rows of ``W_dec`` (assumed unit norm).
 
     Step ``t``: ``c = r @ W_dec.T``, ``j = argmax |c|`` (``argmax c`` for positive codes),
     coefficient ``c_j`` (clipped at 0 when positive; 0 once ``||r||^2 <= mp_tol``),
-    ``r <- r - c_j d_j``. Returns codes (n, d_sae), final residual and, if ``record``, the
-    per-step ``(j, c_pre, active, r_before)`` needed by the backward pass.
+    ``r <- r - c_j d_j``. Returns codes (n, d_sae) (with ``dense=False`` the pair ``(idx,
+    vals)`` of (n, k) atoms and coefficients instead, indices possibly repeated), final
+    residual and, if ``record``, the per-step ``(j, c, active, r_before)`` needed by the
+    backward pass (``r_before`` is None where the NumPy kernel ran: its backward recovers it).
     """
     W = sae.W_dec
     n, m = xc.shape[0], W.shape[0]
@@ -983,12 +985,12 @@ def _mp_forward(sae, xc, xp, record=False):
     C = r @ W.T
     kern = get_kernel("sae_mp_gram", xp) if use_gram else None
     if kern is not None:  # the loop below, fused per row (NumPy: Numba)
-        idx, vals, acts, Rh, r = kern(C, xc, W, Gm, int(sae.k), sae.mp_tol, record)
+        idx, vals, acts, r = kern(C, xc, W, Gm, int(sae.k), sae.mp_tol)
         if record:
-            steps = _MPSteps((idx[:, t], vals[:, t], None if acts is None else acts[:, t], Rh[t])
+            steps = _MPSteps((idx[:, t], vals[:, t], None if acts is None else acts[:, t], None)
                              for t in range(int(sae.k)))
-            steps.raw = (idx, vals, acts, Rh)  # for the fused backward pass
-        return _ks_dense_sum(idx, vals, m, xp), r, steps
+            steps.raw = (idx, vals, acts)  # for the fused backward pass
+        return (_ks_dense_sum(idx, vals, m, xp) if dense else (idx, vals)), r, steps
     for t in range(int(sae.k)):
         if t > 0 and not use_gram:
             C = r @ W.T
@@ -1008,8 +1010,8 @@ def _mp_forward(sae, xc, xp, record=False):
         cs.append(c)
         if use_gram and t + 1 < int(sae.k):
             C = C - c[:, None] * xp.take(Gm, j, axis=0)
-    codes = _ks_dense_sum(xp.stack(js, axis=1), xp.stack(cs, axis=1), m, xp)
-    return codes, r, steps
+    idx, vals = xp.stack(js, axis=1), xp.stack(cs, axis=1)
+    return (_ks_dense_sum(idx, vals, m, xp) if dense else (idx, vals)), r, steps
 
 
 class _MPSteps(list):
@@ -1049,8 +1051,12 @@ def _mp_backward(steps, r, W, d_sae, n, xp):
         return kern(steps.raw, r, W, d_sae, n)
     g_r = (2.0 / n) * r
     idx_all, rows_all = [], []
+    r_next = r
     for j, c, active, r_t in reversed(steps):
         d = xp.take(W, j, axis=0)
+        if r_t is None:  # not recorded (the NumPy pursuit kernel): recovered from the next one
+            r_t = r_next + c[:, None] * d
+        r_next = r_t
         g_c = -xp.sum(g_r * d, axis=1)
         if active is not None:
             g_c = xp.where(active, g_c, xp.zeros_like(g_c))
@@ -1062,18 +1068,38 @@ def _mp_backward(steps, r, W, d_sae, n, xp):
 
 @register_kernel("sae_mp_backward", "numpy")
 def _mp_backward_np(raw, r, W, d_sae, n):
-    """The backward loop fused per row (Numba), each step's ``W_dec`` row written over the
-    recorded residual (consumed: the steps cannot be used twice), then gathered per atom."""
-    idx, vals, acts, Rh = raw
-    k = idx.shape[1]
+    """The backward loop fused per row (Numba), the residuals recovered from the final one,
+    each chunk of rows adding its ``W_dec`` rows into its own accumulator."""
+    import numba
+
+    idx, vals, acts = raw
     use_tol = acts is not None
     g_r = np.empty_like(r)
+    nchunk = max(1, min(numba.get_num_threads(), n))
+    acc = np.zeros((nchunk, d_sae, W.shape[1]), dtype=r.dtype)
     _nb().mp_backward(np.ascontiguousarray(W), idx, vals, acts if use_tol else np.empty((1, 1), dtype=np.bool_),
-                      use_tol, Rh, np.ascontiguousarray(r), r.dtype.type(2.0 / n), g_r)
-    indptr, cols = _ks_pattern(idx)
-    colptr, perm, _ = _nb().csr_transpose(indptr, cols, d_sae)
-    out = np.empty((d_sae, W.shape[1]), dtype=r.dtype)
-    return _nb().mp_scatter(colptr, perm, k, Rh, out), g_r
+                      use_tol, np.ascontiguousarray(r), r.dtype.type(2.0 / n), g_r, acc)
+    if nchunk == 1:
+        return acc[0], g_r
+    return _nb().sum_chunks(acc, np.empty((d_sae, W.shape[1]), dtype=r.dtype)), g_r
+
+
+def _ks_code_stats(idx, vals, m, xp):
+    """``(nonzeros, fired)`` of the codes given as (idx, vals) pairs (indices may repeat in a
+    row: summed): the total count of nonzero entries and the (m,) mask of latents nonzero
+    in some row, without forming the (n, m) codes where a kernel can."""
+    kern = get_kernel("sae_ks_code_stats", xp)
+    if kern is not None:
+        return kern(idx, vals, m)
+    nz = _ks_dense_sum(idx, vals, m, xp) != 0
+    return int(xp.sum(xp.astype(nz, xp.int64))), xp.any(nz, axis=0)
+
+
+@register_kernel("sae_ks_code_stats", "numpy")
+def _ks_code_stats_np(idx, vals, m):
+    fired = np.zeros(m, dtype=bool)
+    counts = _nb().ks_code_stats(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(vals), fired)
+    return int(counts.sum()), fired
 
 
 def _ks_dense_sum(idx, vals, m, xp):
@@ -1085,19 +1111,18 @@ def _ks_dense_sum(idx, vals, m, xp):
 
 
 @register_kernel("sae_mp_gram", "numpy")
-def _mp_gram_np(C, xc, W, Gm, k, tol, record):
+def _mp_gram_np(C, xc, W, Gm, k, tol):
     """The pursuit fused per row (Numba); ``C`` (the correlations ``xc @ W.T``, a scratch the
     caller does not keep) is updated in place."""
     n, d = xc.shape
     js = np.empty((n, k), dtype=np.int64)
     cs = np.empty((n, k), dtype=xc.dtype)
     act = np.empty((n, k), dtype=np.bool_)
-    Rh = np.empty((k, n, d) if record else (1, 1, 1), dtype=xc.dtype)
     r = np.empty_like(xc)
     use_tol = tol is not None
     _nb().mp_gram(np.ascontiguousarray(C), np.ascontiguousarray(xc), np.ascontiguousarray(W), Gm, k,
-                  float(tol) if use_tol else 0.0, use_tol, bool(record), js, cs, act, Rh, r)
-    return js, cs, (act if use_tol else None), (Rh if record else None), r
+                  float(tol) if use_tol else 0.0, use_tol, js, cs, act, r)
+    return js, cs, (act if use_tol else None), r
 
 
 @register_kernel("sae_ks_dense_sum", "numpy")
@@ -1216,10 +1241,10 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
 
     # ------------------------------------------------------------- MP-SAE: its own path
     if arch == "mpsae":
-        codes, r, steps = _mp_forward(sae, xc, xp, record=need_grad)
+        (idx, vals), r, steps = _mp_forward(sae, xc, xp, record=need_grad, dense=False)
         sse = float(xp.sum(r * r))
         loss = sse / n
-        stats.update(_common_stats(codes, X, sse, xp))
+        stats.update(_common_stats(None, X, sse, xp, nonzeros=_ks_code_stats(idx, vals, sae.d_sae, xp)))
         if not need_grad:
             return loss, None, stats
         G["W_dec"], g_r = _mp_backward(steps, r, W_dec, sae.d_sae, n, xp)
@@ -1553,16 +1578,20 @@ def _loss_and_grad_ksparse(sae, X, xc, aux_coefficient, dead_mask, k_aux, aux_ta
     return loss, G, stats
 
 
-def _common_stats(f, X, sse, xp):
+def _common_stats(f, X, sse, xp, nonzeros=None):
+    """Loss statistics; ``nonzeros``: ``(count, fired)`` of the codes when the caller has them
+    without ``f`` (MP-SAE's (index, value) pairs)."""
     n = X.shape[0]
-    nz = f != 0
+    if nonzeros is None:
+        nz = f != 0
+        nonzeros = (int(xp.sum(xp.astype(nz, xp.int64))), xp.any(nz, axis=0))
     sst = float(xp.sum((X - xp.mean(X, axis=0)) ** 2))
     return {
         "mse": sse / n,
         "sse": sse,
         "sst": sst,
-        "l0": float(xp.sum(xp.astype(nz, xp.int64))) / n,
-        "fired": xp.any(nz, axis=0),
+        "l0": float(nonzeros[0]) / n,
+        "fired": nonzeros[1],
     }
 
 

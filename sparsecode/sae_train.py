@@ -25,7 +25,9 @@ gradients (:func:`sparsecode.sae.loss_and_grad`) and this recipe:
 Determinism: there is no random state besides the seed. The initial decoder is drawn from
 ``seed``; epoch ``e`` visits the rows in the order drawn from ``(seed, e)``; so the state at
 step ``t`` is a function of the seed and the data, and a checkpoint only needs the data
-position (epoch, batches consumed in it).
+position (epoch, batches consumed in it). Runs repeat bit for bit with the same number of
+threads; MP-SAE's NumPy backward sums its decoder gradient in one accumulator per thread, so
+with another thread count its weights differ by rounding.
 
 Non-finite input: a batch containing NaN or Inf is never trained on. With ``on_nan="skip"``
 (default) it is skipped, counted in ``log["n_skipped_batches"]`` and a ``RuntimeWarning`` is
