@@ -195,8 +195,21 @@ def minimum_time(X, d_sae, k, repeat, rng):
     the L0 the encoder actually reached in the timed batch), each timed with scipy.sparse,
     with the library's k-sparse kernels and as a dense BLAS product, the fastest counted (a
     yardstick as strict as the fastest implementation at hand; dense wins once about a
-    tenth of the latents fire). Returns ``(total, encoder_only)``.
+    tenth of the latents fire). Returns ``(total, encoder_only)``; every call for the same
+    ``(n, d, d_sae, k)`` measures again and the smallest times so far are returned (the
+    machine is shared: one slow round must not make a yardstick lenient).
     """
+    key = (X.shape, d_sae, int(k))
+    got = _minimum_time(X, d_sae, k, repeat, rng)
+    old = _MINIMUM_CACHE.get(key, (float("inf"), float("inf")))
+    _MINIMUM_CACHE[key] = (min(old[0], got[0]), min(old[1], got[1]))
+    return _MINIMUM_CACHE[key]
+
+
+_MINIMUM_CACHE = {}
+
+
+def _minimum_time(X, d_sae, k, repeat, rng):
     import scipy.sparse as sp
 
     from sparsecode.sae import _ks_decode, _ks_tmatmul
@@ -238,16 +251,15 @@ def gram_time(W, repeat):
     return t
 
 
-def mp_minimum_time(X, d_sae, k, repeat, rng):
-    """Seconds for the products a matching-pursuit encoder cannot avoid (a second yardstick,
-    printed for MP-SAE only): the correlations ``X @ W_dec.T``, the Gram matrix
-    ``W_dec @ W_dec.T`` (one triangle, :func:`gram_time`), and the decoder and its gradient
-    on the k selected rows per token (as in :func:`minimum_time`)."""
+def mp_correlation_gram_time(X, d_sae, repeat, rng):
+    """Seconds for the products a matching-pursuit encoder needs besides the k-row decoder
+    and its gradient (a second yardstick, printed for MP-SAE only, with the decoder part of
+    :func:`minimum_time` added): the correlations ``X @ W_dec.T`` and the Gram matrix
+    ``W_dec @ W_dec.T`` (one triangle, :func:`gram_time`)."""
     n, d = X.shape
     Wd = rng.standard_normal((d_sae, d)).astype(X.dtype)
-    total, enc = minimum_time(X, d_sae, k, repeat, rng)
     corr = min(_best(lambda: X @ Wd.T, repeat), dense_products_default_threads(n, d, d_sae)[0])
-    return corr + gram_time(Wd, repeat) + (total - enc)
+    return corr + gram_time(Wd, repeat)
 
 
 def time_steps(arch, X, d_sae, k, n_steps, lr=1e-4, target_l0=None):
@@ -291,7 +303,6 @@ def part_throughput(args, X_src, n):
         if X.shape[0] < n:
             X = np.concatenate([X] * (n // X.shape[0] + 1))[:n]
     print(f"\n== throughput: float32, batch {n}, d_in={d_in}, d_sae={d_sae}, k={k} ==")
-    print(f"{'encoder':<15} {'step ms':>9} {'tokens/s':>10} {'min ms':>8} {'min tok/s':>10} {'ratio':>6} {'enc-only':>8} {'L0':>8}")
     rows = []
     runs = [(a, None) for a in args.encoders]
     # the L1/L0 family at the sparsity of a trained SAE (the NumPy kernels then go sparse)
@@ -301,23 +312,30 @@ def part_throughput(args, X_src, n):
         # the decoder and its gradient run on the rows that fire: k for the TopK family and
         # MP-SAE, the L0 reached in the timed batch for the others (top-AFA chooses its own)
         k_min = k if arch in K_ARCHITECTURES else int(np.ceil(l0))
-        tmin, tenc = minimum_time(X, d_sae, k_min, 5, rng)
+        minimum_time(X, d_sae, k_min, 5, rng)  # measured now, read back below (smallest of all rounds)
+        name = arch if target is None else f"{arch}@L0~{target}"
+        row = {"encoder": name, "arch": arch, "batch": n, "step_s": step, "tokens_per_s": n / step, "l0": l0,
+               "min_k": k_min}
+        if arch == "mpsae":
+            row["mp_extra_s"] = mp_correlation_gram_time(X, d_sae, 5, rng)
+        rows.append(row)
+        print(f"  timed {name}: {1e3 * step:.1f} ms per step", flush=True)
+    print(f"{'encoder':<15} {'step ms':>9} {'tokens/s':>10} {'min ms':>8} {'min tok/s':>10} {'ratio':>6} {'enc-only':>8} {'L0':>8}")
+    for row in rows:
+        arch, step, k_min = row.pop("arch"), row["step_s"], row["min_k"]
+        tmin, tenc = minimum_time(X, d_sae, k_min, 5, rng)  # once more: the smallest of every round
         if arch == "lista":  # T = 3 unrolled steps, each an encoder product and a decode
             tmin, tenc = 3 * tmin, 3 * tenc
-        thr, thr_min = n / step, n / tmin
-        name = arch if target is None else f"{arch}@L0~{target}"
-        row = {"encoder": name, "batch": n, "step_s": step, "tokens_per_s": thr, "min_s": tmin,
-               "min_tokens_per_s": thr_min, "ratio": thr / thr_min, "l0": l0, "min_k": k_min,
-               "min_encoder_only_s": tenc, "ratio_encoder_only": tenc / step}
+        row.update(min_s=tmin, min_tokens_per_s=n / tmin, ratio=tmin / step, min_encoder_only_s=tenc,
+                   ratio_encoder_only=tenc / step)
         note = "" if arch in K_ARCHITECTURES else f"  (decoder products on its L0: {k_min} rows per token)"
         if arch == "mpsae":  # second yardstick: with the products matching pursuit cannot avoid
-            tmp = mp_minimum_time(X, d_sae, k, 5, rng)
+            tmp = row.pop("mp_extra_s") + (tmin - tenc)
             row.update(mp_min_s=tmp, mp_ratio=tmp / step)
             note = (f"  (MP minimum incl. correlations X W_dec^T + Gram (syrk) + k-row decoder/grad: "
                     f"{1e3 * tmp:.1f} ms, ratio {tmp / step:.2f})")
-        rows.append(row)
-        print(f"{name:<15} {1e3 * step:9.1f} {thr:10.0f} {1e3 * tmin:8.1f} {thr_min:10.0f} {thr / thr_min:6.2f} "
-              f"{tenc / step:8.2f} {l0:8.1f}{note}", flush=True)
+        print(f"{row['encoder']:<15} {1e3 * step:9.1f} {n / step:10.0f} {1e3 * tmin:8.1f} {n / tmin:10.0f} "
+              f"{tmin / step:6.2f} {tenc / step:8.2f} {row['l0']:8.1f}{note}", flush=True)
     return rows
 
 
