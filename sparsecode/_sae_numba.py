@@ -607,6 +607,27 @@ def ks_dense_sum(idx, vals, out):
     return out
 
 
+# --------------------------------------------------------------------------- dense layout passes
+@nb.njit(parallel=True, **_FLAGS)
+def masked(mask, Z, add, use_add, out):
+    """``out = where(mask, Z + add, 0)`` (``where(mask, Z, 0)`` without ``use_add``: signed
+    zeros kept) over (n, m) arrays, rows in parallel; ``out`` may be ``Z`` (in place).
+    ``np.where`` makes this one single-threaded pass with a broadcast zero."""
+    n, m = Z.shape
+    zero = np.zeros(1, dtype=out.dtype)[0]
+    for i in nb.prange(n):
+        mk = mask[i]
+        z = Z[i]
+        o = out[i]
+        if use_add:
+            for j in range(m):
+                o[j] = (z[j] + add) if mk[j] else zero
+        else:
+            for j in range(m):
+                o[j] = z[j] if mk[j] else zero
+    return out
+
+
 # --------------------------------------------------------------------------- top-AFA selection
 @nb.njit(inline="always")
 def _afa_score(x, nuj):

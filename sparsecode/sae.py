@@ -431,6 +431,10 @@ class _DenseLayout:
     def restrict(self, V):
         return self.xp.where(self.mask, V, _zero(V, self.xp))
 
+    def restrict_add(self, V, a):
+        """``restrict(V + a)`` for a scalar ``a``."""
+        return self.restrict(V + a)
+
     def scatter(self, V):
         return V
 
@@ -480,6 +484,9 @@ class _PatternLayout:
 
     def restrict(self, V):
         return V
+
+    def restrict_add(self, V, a):
+        return V + a
 
     def scatter(self, V):
         out = np.zeros((self.n, self.m), dtype=V.dtype)
@@ -531,8 +538,42 @@ def _layout(mask, xp):
 @register_kernel("sae_layout", "numpy")
 def _layout_np(mask):
     if np.count_nonzero(mask) > _SPARSE_DENSITY * mask.size:
-        return None
+        return _DenseLayoutNumPy(mask)
     return _PatternLayout(mask)
+
+
+class _DenseLayoutNumPy(_DenseLayout):
+    """:class:`_DenseLayout` on NumPy with its masking passes as one parallel Numba pass each
+    (``np.where`` with a broadcast zero runs single-threaded at ~3 ns per entry: 15 ms for a
+    (1024, 4608) float32 array, three of them per LISTA step at initialisation)."""
+
+    def __init__(self, mask):
+        super().__init__(np.ascontiguousarray(mask), np)
+
+    def _ok(self, Z):
+        return (isinstance(Z, np.ndarray) and Z.shape == self.mask.shape and Z.dtype in (np.float32, np.float64)
+                and Z.flags.c_contiguous)
+
+    def gather(self, Z):
+        if not self._ok(Z):
+            return super().gather(Z)
+        return _nb().masked(self.mask, Z, Z.dtype.type(0), False, np.empty_like(Z))
+
+    def restrict(self, V):
+        return self.gather(V)
+
+    def restrict_add(self, V, a):
+        """``restrict(V + a)`` in one pass (``a`` a scalar)."""
+        if not self._ok(V):
+            return super().restrict_add(V, a)
+        return _nb().masked(self.mask, V, V.dtype.type(a), True, np.empty_like(V))
+
+    def sample(self, G, W):
+        P = G @ W.T
+        if not self._ok(P):
+            return super().sample(G, W)
+        # a fresh output: in place, Numba's alias check takes the scalar loop (8x slower)
+        return _nb().masked(self.mask, P, P.dtype.type(0), False, np.empty_like(P))
 
 
 def _device(x):
@@ -1150,7 +1191,9 @@ def _lista_forward(sae, xc, xp, record=False):
             if betas[t] != 0.0 and z0 is None:
                 y = z1 + betas[t] * z1
             e = xc - _codes_matmul(y, W_dec, xp)
-            u = y + e @ W_enc + b_enc
+            u = e @ W_enc  # then + y + b_enc in place: (n, d_sae) passes without new arrays
+            u += y
+            u += b_enc
         z = _relu(u, xp)
         zs.append(z)
         if record:
@@ -1277,7 +1320,7 @@ def loss_and_grad(sae, X, *, penalty=None, aux_coefficient=0.0, dead_mask=None, 
         W_encT = W_enc.T
         g_z = [None] * T
         lay = lays[T - 1]
-        g_uv = lay.restrict(lay.sample(g_xh, W_dec) + lam / n)
+        g_uv = lay.restrict_add(lay.sample(g_xh, W_dec), lam / n)
         g_Wenc = xp.zeros_like(W_enc)
         g_benc = xp.zeros_like(b_enc)
         g_xc = xp.zeros_like(xc)
