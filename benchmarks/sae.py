@@ -233,10 +233,10 @@ def _minimum_time(X, d_sae, k, repeat, rng):
     return enc + min(decode) + min(grad), enc
 
 
-def gram_time(W, repeat):
+def gram_time(W, repeat, n):
     """Seconds for the Gram matrix ``W @ W.T`` of the (m, d) decoder: the fastest of the plain
     product, BLAS syrk (half the multiply-adds: one triangle) and syrk in a child process with
-    default thread settings."""
+    default thread settings (the one that timed the batch-``n`` products: cached)."""
     t = _best(lambda: W @ W.T, repeat)
     try:
         from scipy.linalg import blas
@@ -245,7 +245,7 @@ def gram_time(W, repeat):
         Wf = np.asfortranarray(W.T)  # (d, m) in Fortran order: syrk(trans=1) gives Wf.T @ Wf, no copy
         t = min(t, _best(lambda: syrk(1.0, Wf, trans=1, lower=0), repeat))
         if W.dtype == np.float32:
-            t = min(t, dense_products_default_threads(8, W.shape[1], W.shape[0])[2])
+            t = min(t, dense_products_default_threads(n, W.shape[1], W.shape[0])[2])  # cached per batch
     except ImportError:  # pragma: no cover
         pass
     return t
@@ -259,7 +259,7 @@ def mp_correlation_gram_time(X, d_sae, repeat, rng):
     n, d = X.shape
     Wd = rng.standard_normal((d_sae, d)).astype(X.dtype)
     corr = min(_best(lambda: X @ Wd.T, repeat), dense_products_default_threads(n, d, d_sae)[0])
-    return corr + gram_time(Wd, repeat)
+    return corr + gram_time(Wd, repeat, n)
 
 
 def time_steps(arch, X, d_sae, k, n_steps, lr=1e-4, target_l0=None):

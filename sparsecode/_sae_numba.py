@@ -19,8 +19,8 @@ compute the same quantities:
   matrix), ``mirror_lower`` (the full Gram from BLAS syrk's triangle), ``mp_backward`` (the
   backward loop per row, residuals recovered from the final one, rows for ``W_dec`` added
   into one accumulator per chunk of rows) and ``sum_chunks``, ``ks_dense_sum`` (dense codes
-  from possibly repeated (index, value) pairs) and ``ks_code_stats`` (their nonzero count
-  and fired latents without forming them).
+  from possibly repeated (index, value) pairs) and ``ks_code_nonzero`` (which of those
+  pairs are the codes' nonzero entries, without forming them).
 * top-AFA: ``afa_select`` (each row's crossing of ``||xc||``, sorting only a prefix of the
   ranking found by value buckets) and ``afa_fill`` (the CSR pattern of the kept entries).
 
@@ -551,14 +551,13 @@ def sum_chunks(acc, out):
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def ks_code_stats(idx, vals, fired):
-    """For codes given as possibly repeated (index, value) pairs per row (summed, as
-    :func:`ks_dense_sum`): the number of nonzero entries of each row, and ``fired[j]`` set
-    for every latent nonzero in some row, without forming the (n, m) codes."""
+def ks_code_nonzero(idx, vals, keep):
+    """For codes given as possibly repeated (index, value) pairs per row (summed in ``t``
+    order, as :func:`ks_dense_sum`): ``keep[i, t]`` is True where ``t`` is the first pair of
+    its latent in row ``i`` and the latent's summed value is nonzero, so that the codes'
+    nonzero entries are the kept pairs, without forming the (n, m) codes."""
     n, k = idx.shape
-    counts = np.zeros(n, dtype=np.int64)
     for i in nb.prange(n):
-        cnt = 0
         for t in range(k):
             j = idx[i, t]
             first = True
@@ -566,30 +565,13 @@ def ks_code_stats(idx, vals, fired):
                 if idx[i, u] == j:
                     first = False
                     break
-            if not first:
-                continue
             v = vals[i, t]
-            for u in range(t + 1, k):
-                if idx[i, u] == j:
-                    v += vals[i, u]
-            if v != 0:
-                cnt += 1
-        counts[i] = cnt
-    for i in range(n):  # serial: each latent is marked once per row it fires in, no races
-        for t in range(k):
-            j = idx[i, t]
-            if not fired[j]:
-                v = vals[i, t]
-                for u in range(k):
-                    if u != t and idx[i, u] == j:
-                        v = vals[i, t] * 0.0
-                        for uu in range(k):
-                            if idx[i, uu] == j:
-                                v += vals[i, uu]
-                        break
-                if v != 0:
-                    fired[j] = True
-    return counts
+            if first:
+                for u in range(t + 1, k):
+                    if idx[i, u] == j:
+                        v += vals[i, u]
+            keep[i, t] = first and v != 0
+    return keep
 
 
 @nb.njit(parallel=True, **_FLAGS)

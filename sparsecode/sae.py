@@ -1132,15 +1132,22 @@ def _ks_code_stats(idx, vals, m, xp):
     kern = get_kernel("sae_ks_code_stats", xp)
     if kern is not None:
         return kern(idx, vals, m)
-    nz = _ks_dense_sum(idx, vals, m, xp) != 0
-    return int(xp.sum(xp.astype(nz, xp.int64))), xp.any(nz, axis=0)
+    return _nonzero_stats(_ks_dense_sum(idx, vals, m, xp), xp)
 
 
 @register_kernel("sae_ks_code_stats", "numpy")
 def _ks_code_stats_np(idx, vals, m):
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    keep = _nb().ks_code_nonzero(idx, np.ascontiguousarray(vals), np.empty(idx.shape, dtype=np.bool_))
     fired = np.zeros(m, dtype=bool)
-    counts = _nb().ks_code_stats(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(vals), fired)
-    return int(counts.sum()), fired
+    fired[idx[keep]] = True
+    return int(np.count_nonzero(keep)), fired
+
+
+def _nonzero_stats(f, xp):
+    """``(number of nonzero entries, (m,) mask of the latents nonzero in some row)`` of codes ``f``."""
+    nz = f != 0
+    return int(xp.sum(xp.astype(nz, xp.int64))), xp.any(nz, axis=0)
 
 
 def _ks_dense_sum(idx, vals, m, xp):
@@ -1626,8 +1633,7 @@ def _common_stats(f, X, sse, xp, nonzeros=None):
     without ``f`` (MP-SAE's (index, value) pairs)."""
     n = X.shape[0]
     if nonzeros is None:
-        nz = f != 0
-        nonzeros = (int(xp.sum(xp.astype(nz, xp.int64))), xp.any(nz, axis=0))
+        nonzeros = _nonzero_stats(f, xp)
     sst = float(xp.sum((X - xp.mean(X, axis=0)) ** 2))
     return {
         "mse": sse / n,
