@@ -15,8 +15,9 @@ compute the same quantities:
   heap (O(m log k) per row, no copy of the row).
 * ``adam_update``: one fused pass of Adam over a parameter, its gradient and both moments,
   with the portable code's operations in its order and precision (bit-identical results).
-* matching pursuit (MP-SAE): ``mp_gram`` (the k pursuit steps per row through the Gram
-  matrix), ``mirror_lower`` (the full Gram from BLAS syrk's triangle), ``mp_backward`` (the
+* matching pursuit (MP-SAE): ``mp_gram_q`` (the k pursuit steps per row through an int16
+  Gram matrix, each selection certified against the exact correlations),
+  ``quantize_lower`` and ``mirror_lower`` (that Gram from BLAS syrk's triangle), ``mp_backward`` (the
   backward loop per row, residuals recovered from the final one, rows for ``W_dec`` added
   into one accumulator per chunk of rows) and ``sum_chunks``, ``ks_dense_sum`` (dense codes
   from possibly repeated (index, value) pairs) and ``ks_code_nonzero`` (which of those
@@ -24,8 +25,9 @@ compute the same quantities:
 * top-AFA: ``afa_select`` (each row's crossing of ``||xc||``, sorting only a prefix of the
   ranking found by value buckets) and ``afa_fill`` (the CSR pattern of the kept entries).
 
-Plain loops compiled in the input's precision; only the dot products of ``csr_sample`` are
-reassociated (``fastmath`` reassoc), so that they vectorise like a BLAS dot.
+Plain loops compiled in the input's precision; only the dot products of ``csr_sample`` and
+the pursuit's float64 dot products are reassociated (``fastmath`` reassoc), so that they
+vectorise like a BLAS dot.
 """
 
 import numba as nb
@@ -281,131 +283,177 @@ def normalise_rows(W, floor, out):
 
 
 # --------------------------------------------------------------------------- matching pursuit
-@nb.njit(fastmath={"nnan", "ninf", "nsz"}, **_FLAGS)
-def _abs_max(C):
-    # max |C[j]| as a vectorised reduction (the flags let LLVM use packed max); exact for
-    # finite values, the caller checks that it finds the value
-    bv = abs(C[0])
-    for j in range(1, C.shape[0]):
-        a = abs(C[j])
-        bv = a if a > bv else bv
-    return bv
-
-
-@nb.njit(fastmath={"nnan", "ninf", "nsz"}, **_FLAGS)
-def _update_abs_max(C, g, c):
-    # C -= c g and max |C| in the same pass, unrolled by 8 with 8 running maxima (LLVM packs
-    # them: ~30% less time than the update and _abs_max as two loops). The flags allow no
-    # contraction: C gets the portable loop's values exactly; the maximum is exact for
-    # finite values (the caller's search falls back otherwise)
-    m = C.shape[0]
-    z = C[0] - C[0]  # 0 in C's precision (float64 arithmetic here would not pack)
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
-    m8 = m - m % 8
-    for j in range(0, m8, 8):
-        v0 = C[j] - c * g[j]
-        v1 = C[j + 1] - c * g[j + 1]
-        v2 = C[j + 2] - c * g[j + 2]
-        v3 = C[j + 3] - c * g[j + 3]
-        v4 = C[j + 4] - c * g[j + 4]
-        v5 = C[j + 5] - c * g[j + 5]
-        v6 = C[j + 6] - c * g[j + 6]
-        v7 = C[j + 7] - c * g[j + 7]
-        C[j] = v0
-        C[j + 1] = v1
-        C[j + 2] = v2
-        C[j + 3] = v3
-        C[j + 4] = v4
-        C[j + 5] = v5
-        C[j + 6] = v6
-        C[j + 7] = v7
-        a0 = max(a0, abs(v0))
-        a1 = max(a1, abs(v1))
-        a2 = max(a2, abs(v2))
-        a3 = max(a3, abs(v3))
-        a4 = max(a4, abs(v4))
-        a5 = max(a5, abs(v5))
-        a6 = max(a6, abs(v6))
-        a7 = max(a7, abs(v7))
-    bv = max(max(max(a0, a1), max(a2, a3)), max(max(a4, a5), max(a6, a7)))
-    for j in range(m8, m):
-        v = C[j] - c * g[j]
-        C[j] = v
-        bv = max(bv, abs(v))
-    return bv
-
-
-@nb.njit(inline="always")
-def _find_abs(C, m, bv):
-    """The first ``j`` with ``|C[j]| == bv``; if none (non-finite values), the first maximum
-    by the scalar loop ``if |C[j]| > best``."""
-    for j in range(m):
-        if abs(C[j]) == bv:
-            return j
-    best = 0
-    bv = abs(C[0])
-    for j in range(1, m):
-        a = abs(C[j])
-        if a > bv:
-            bv = a
-            best = j
-    return best
-
-
-@nb.njit(inline="always")
-def _first_abs_argmax(C, m):
-    """The first ``j`` with maximal ``|C[j]|`` (as the scalar loop ``if |C[j]| > best``):
-    the maximum by a vectorised pass, then the first entry equal to it; the scalar loop when
-    none is found (non-finite values)."""
-    bv = _abs_max(C)
-    for j in range(m):
-        if abs(C[j]) == bv:
-            return j
-    best = 0
-    bv = abs(C[0])
-    for j in range(1, m):
-        a = abs(C[j])
-        if a > bv:
-            bv = a
-            best = j
-    return best
+_QMAX = 32767  # Gram entries as int16 multiples of gmax / _QMAX
+_BLOCK = 64  # block maxima of |C| kept per 64 entries: the argmax is found in one block
 
 
 @nb.njit(parallel=True, **_FLAGS)
-def mp_gram(C0, xc, W, Gm, k, tol, use_tol, js, cs, act, r_out):
-    """``k`` matching-pursuit steps per row with the correlations kept up to date through the
-    Gram matrix ``Gm = W @ W.T``: the portable loop of ``sae._mp_forward`` (Gram branch) row
-    by row, operation for operation. ``j = argmax |C|`` (first maximum),
-    ``c = C[j]`` (0 once ``||r||^2 <= tol`` when ``use_tol``), ``r -= c W[j]``,
-    ``C -= c Gm[j]``. Writes ``js``, ``cs``, ``act`` (n, k) and the final residual in
-    ``r_out``; the residuals before each step are not kept (:func:`mp_backward` recovers
-    them from the final one). ``C0`` (the correlations of ``xc``) is overwritten."""
+def quantize_lower(A, scale, out):
+    """``out[i, j] = round(A[i, j] * scale)`` as int16, clipped to +-32767, for ``j <= i``
+    (the triangle BLAS syrk writes; :func:`mirror_lower` fills the rest). Rows in parallel;
+    rounding in integers so that the loop packs (10x a float clip)."""
+    m = A.shape[0]
+    half = A.dtype.type(0.5)
+    for i in nb.prange(m):
+        a = A[i]
+        o = out[i]
+        for j in range(i + 1):
+            v = np.int64(np.floor(a[j] * scale + half))
+            o[j] = np.int16(min(max(v, -_QMAX), _QMAX))
+    return out
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mirror_lower(A):
+    """In place: ``A[i, j] = A[j, i]`` for ``j > i`` (a symmetric matrix from its lower
+    triangle, as BLAS syrk leaves it), by 64 x 64 tiles, tile rows in parallel."""
+    m = A.shape[0]
+    B = 64
+    nb_ = (m + B - 1) // B
+    for bi in nb.prange(nb_):
+        i0 = bi * B
+        i1 = min(i0 + B, m)
+        for bj in range(bi, nb_):
+            j0 = bj * B
+            j1 = min(j0 + B, m)
+            for i in range(i0, i1):
+                for j in range(max(j0, i + 1), j1):
+                    A[i, j] = A[j, i]
+    return A
+
+
+@nb.njit(fastmath={"reassoc", "contract"}, **_FLAGS)
+def _dot64(a, b):
+    # <a, b> accumulated in float64 (reassociated so that it vectorises): the exact
+    # correlation the pursuit's certificate compares against
+    s = 0.0
+    for q in range(a.shape[0]):
+        s += np.float64(a[q]) * np.float64(b[q])
+    return s
+
+
+@nb.njit(fastmath={"nnan", "ninf", "nsz", "contract"}, **_FLAGS)
+def _sub_scaled(C, Q, s):
+    # C -= s * Q (Q the int16 Gram row: converted in the packed loop)
+    for j in range(C.shape[0]):
+        C[j] = C[j] - s * Q[j]
+
+
+@nb.njit(**_FLAGS)
+def _block_abs_max(Cbits, mask, bm_bits):
+    """The maximum of ``|C|`` over each block of ``_BLOCK`` entries, through the bits of
+    ``C`` (``Cbits``, the same memory as integers) with the sign bit cleared by ``mask``:
+    non-negative floats are ordered as their bits, and an integer maximum is a packed
+    reduction where LLVM leaves a float one scalar (5x the time of the update itself).
+    Written as bits into ``bm_bits``, read back as floats by the caller (NaN above inf)."""
+    m = Cbits.shape[0]
+    nfull = m // _BLOCK
+    for b in range(nfull):  # fixed trip count: LLVM packs the loop
+        a = Cbits[0] & 0
+        for j in range(b * _BLOCK, (b + 1) * _BLOCK):
+            a = max(a, Cbits[j] & mask)
+        bm_bits[b] = a
+    if nfull < bm_bits.shape[0]:
+        a = Cbits[0] & 0
+        for j in range(nfull * _BLOCK, m):
+            a = max(a, Cbits[j] & mask)
+        bm_bits[nfull] = a
+
+
+@nb.njit(**_FLAGS)
+def _select(C, bm, lo, r, W):
+    """The atom of largest exact ``|<r, W[j]>|`` among the candidates ``|C[j]| >= lo``
+    (first on ties), that correlation, and whether more than one candidate was checked.
+    Blocks whose maximum ``bm`` is below ``lo`` are skipped."""
+    m = C.shape[0]
+    first = -1
+    cnt = 0
+    for b in range(bm.shape[0]):
+        if bm[b] >= lo:
+            for j in range(b * _BLOCK, min(m, (b + 1) * _BLOCK)):
+                if abs(C[j]) >= lo:
+                    cnt += 1
+                    if first < 0:
+                        first = j
+    if cnt <= 1:  # 0 only for non-finite values: atom 0 (the inputs are checked finite)
+        best = max(first, 0)
+        return best, _dot64(r, W[best]), False
+    best = first
+    c = _dot64(r, W[first])
+    for b in range(bm.shape[0]):
+        if bm[b] >= lo:
+            for j in range(max(b * _BLOCK, first + 1), min(m, (b + 1) * _BLOCK)):
+                if abs(C[j]) >= lo:
+                    e = _dot64(r, W[j])
+                    if abs(e) > abs(c):
+                        best = j
+                        c = e
+    return best, c, True
+
+
+@nb.njit(parallel=True, **_FLAGS)
+def mp_gram_q(C0, C0bits, mask, xc, W, Gq, gstep, geps, wmax, u, k, tol, use_tol, js, cs, act, r_out, BM,
+              BMbits, n_checked):
+    """``k`` matching-pursuit steps per row, the correlations ``C`` kept up to date through
+    the quantized Gram matrix (``Gq * gstep`` approximates ``W @ W.T`` within ``geps`` per
+    entry; ``wmax`` bounds the row norms of ``W``) and every selection certified against
+    the exact correlations.
+
+    Per row, ``err`` bounds ``|C[j] - <r, W[j]>|`` for every ``j``: the rounding of
+    ``C0 = xc @ W.T`` at first (~``d u ||x|| max ||w||``, ``u`` the unit roundoff), then
+    per step the Gram entries' error times ``|c|`` and the rounding of the updates, all
+    with a factor 2 to spare. The atom with the largest exact ``|<r, W[j]>|`` is among the
+    candidates ``|C[j]| >= max |C| - 2 err``; the pursuit takes the best of those by their
+    exact correlation (most steps have one candidate: no search) and that correlation as
+    the coefficient. So the atoms are those of exact matching pursuit on the float
+    residual (first index on exact ties), whatever the Gram's precision, and the
+    coefficients ``<r, W[j]>`` to the input's rounding; the Gram rows are read as int16,
+    half the memory traffic of float32.
+
+    Step ``t``: ``j`` as above, ``c = <r, W[j]>`` (0 once ``||r||^2 <= tol`` when
+    ``use_tol``), ``r -= c W[j]``, ``C -= c Gq[j] gstep``. Writes ``js``, ``cs``, ``act``
+    (n, k), the final residual in ``r_out`` and, per row, the number of steps that checked
+    more than one candidate in ``n_checked``. ``C0`` (viewed as integers in ``C0bits``) is
+    overwritten; ``BM`` (n, blocks) is scratch for the block maxima, ``BMbits`` its bits."""
     n, m = C0.shape
     d = xc.shape[1]
-    zero = np.zeros(1, dtype=C0.dtype)[0]  # c stays in the input's precision
+    gmax = wmax * wmax
     for i in nb.prange(n):
         C = C0[i]  # updated in place (the caller's scratch)
         r = xc[i].copy()
-        best = _first_abs_argmax(C, m)
+        bm = BM[i]
+        _block_abs_max(C0bits[i], mask, BMbits[i])
+        r2 = _dot64(r, r)
+        err = 2.0 * (d + 2) * u * np.sqrt(r2) * wmax
+        checked = 0
         for t in range(k):
-            c = C[best]
+            bv = bm[0]
+            for b in range(1, bm.shape[0]):
+                bv = max(bv, bm[b])
+            best, c64, many = _select(C, bm, bv - 2.0 * err, r, W)
+            checked += many
             active = True
             if use_tol:
-                s = r[0] * 0.0
-                for q in range(d):
-                    s += r[q] * r[q]
-                active = s > tol
+                active = r2 > tol
                 if not active:
-                    c = zero
+                    c64 = 0.0
             js[i, t] = best
-            cs[i, t] = c
+            cs[i, t] = c64
             act[i, t] = active
+            c = cs[i, t]  # in the input's precision
             w = W[best]
             for q in range(d):
                 r[q] = r[q] - c * w[q]
+            r2 = _dot64(r, r)
             if t + 1 < k:
-                # the update and max |C| in one pass, then the first entry equal to it
-                best = _find_abs(C, m, _update_abs_max(C, Gm[best], c))
+                _sub_scaled(C, Gq[best], c * gstep)
+                _block_abs_max(C0bits[i], mask, BMbits[i])
+                ac = abs(c64)
+                # the Gram entries' error, rounding of c gstep Q and of the update (|C| <= bv
+                # + err before, + |c| gmax after), the residual's rounding
+                err += 2.0 * (ac * (geps + 2.0 * u * gmax) + u * (2.0 * (bv + err) + ac * gmax)
+                              + u * (np.sqrt(r2) + ac * wmax) * wmax)
+        n_checked[i] = checked
         for q in range(d):
             r_out[i, q] = r[q]
 
@@ -473,25 +521,6 @@ def threshold_backward(g, z, thr, add, half_bw, gsum, gband):
 
 
 # --------------------------------------------------------------------------- matching pursuit, more
-@nb.njit(parallel=True, **_FLAGS)
-def mirror_lower(A):
-    """In place: ``A[i, j] = A[j, i]`` for ``j > i`` (a symmetric matrix from its lower
-    triangle, as BLAS syrk leaves it), by 64 x 64 tiles, tile rows in parallel."""
-    m = A.shape[0]
-    B = 64
-    nb_ = (m + B - 1) // B
-    for bi in nb.prange(nb_):
-        i0 = bi * B
-        i1 = min(i0 + B, m)
-        for bj in range(bi, nb_):
-            j0 = bj * B
-            j1 = min(j0 + B, m)
-            for i in range(i0, i1):
-                for j in range(max(j0, i + 1), j1):
-                    A[i, j] = A[j, i]
-    return A
-
-
 @nb.njit(parallel=True, **_FLAGS)
 def mp_backward(W, js, cs, act, use_tol, r, scale, g_r_out, acc):
     """The backward pass of :func:`mp_gram`, per row and in reverse step order, as the

@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -1012,6 +1013,11 @@ def _mp_forward(sae, xc, xp, record=False, dense=True):
     vals)`` of (n, k) atoms and coefficients instead, indices possibly repeated), final
     residual and, if ``record``, the per-step ``(j, c, active, r_before)`` needed by the
     backward pass (``r_before`` is None where the NumPy kernel ran: its backward recovers it).
+
+    On NumPy the Gram branch runs :func:`_mp_pursuit_np`: correlations updated through an
+    int16 Gram matrix, each selection certified against the exact correlations, so the atoms
+    are exact MP's (the float loop below can differ at near-ties below its rounding) and the
+    coefficients ``<r, d_j>`` equal ``c_j`` to rounding.
     """
     W = sae.W_dec
     n, m = xc.shape[0], W.shape[0]
@@ -1020,18 +1026,19 @@ def _mp_forward(sae, xc, xp, record=False, dense=True):
     js, cs = [], []
     positive = False  # MP-SAE codes are signed (bidirectional atoms), as in classical MP
     # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
-    # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same values either way.
+    # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same atoms either way.
     use_gram = int(sae.k) * n > m
-    Gm = _gram(W, xp) if use_gram else None
     C = r @ W.T
-    kern = get_kernel("sae_mp_gram", xp) if use_gram else None
-    if kern is not None:  # the loop below, fused per row (NumPy: Numba)
-        idx, vals, acts, r = kern(C, xc, W, Gm, int(sae.k), sae.mp_tol)
+    kern = get_kernel("sae_mp_pursuit", xp) if use_gram else None
+    out = kern(C, xc, W, int(sae.k), sae.mp_tol) if kern is not None else None
+    if out is not None:  # the loop below, fused per row, selections certified (NumPy: Numba)
+        idx, vals, acts, r = out
         if record:
             steps = _MPSteps((idx[:, t], vals[:, t], None if acts is None else acts[:, t], None)
                              for t in range(int(sae.k)))
             steps.raw = (idx, vals, acts)  # for the fused backward pass
         return (_ks_dense_sum(idx, vals, m, xp) if dense else (idx, vals)), r, steps
+    Gm = W @ W.T if use_gram else None
     for t in range(int(sae.k)):
         if t > 0 and not use_gram:
             C = r @ W.T
@@ -1059,30 +1066,6 @@ class _MPSteps(list):
     """The recorded pursuit steps, with the kernel's arrays they view in ``raw``."""
 
     raw = None
-
-
-def _gram(W, xp):
-    """``W @ W.T`` (the Gram matrix of the decoder rows)."""
-    kern = get_kernel("sae_gram", xp)
-    if kern is not None:
-        out = kern(W)
-        if out is not None:
-            return out
-    return W @ W.T
-
-
-@register_kernel("sae_gram", "numpy")
-def _gram_np(W):
-    """BLAS syrk (half the multiply-adds of the product: one triangle) and a Numba mirror."""
-    if W.dtype not in (np.float32, np.float64) or W.shape[0] < 64:
-        return None
-    from scipy.linalg import blas
-
-    syrk = blas.ssyrk if W.dtype == np.float32 else blas.dsyrk
-    # W.T is (d, m) in Fortran order (no copy); syrk(trans=1) gives W @ W.T, upper triangle,
-    # Fortran order, i.e. the lower triangle of its C-order transpose
-    Gf = syrk(1.0, W.T, trans=1, lower=0)
-    return _nb().mirror_lower(Gf.T)
 
 
 def _mp_backward(steps, r, W, d_sae, n, xp):
@@ -1158,19 +1141,92 @@ def _ks_dense_sum(idx, vals, m, xp):
     return _ks_dense(idx, vals, m, xp)  # the portable version adds every pair
 
 
-@register_kernel("sae_mp_gram", "numpy")
-def _mp_gram_np(C, xc, W, Gm, k, tol):
-    """The pursuit fused per row (Numba); ``C`` (the correlations ``xc @ W.T``, a scratch the
-    caller does not keep) is updated in place."""
+@register_kernel("sae_mp_pursuit", "numpy")
+def _mp_pursuit_np(C, xc, W, k, tol, n_checked=None):
+    """The pursuit fused per row (Numba) through the int16-quantized Gram matrix, each
+    selection certified against the exact correlations (:func:`_sae_numba.mp_gram_q`): the
+    atoms of exact matching pursuit, coefficients ``<r, d_j>``. ``C`` (the correlations
+    ``xc @ W.T``, a scratch the caller does not keep) is updated in place. None (the
+    portable loop runs) for other dtypes or a non-finite or zero decoder."""
+    if W.dtype not in (np.float32, np.float64) or xc.dtype != W.dtype or C.dtype != W.dtype:
+        return None
+    W = np.ascontiguousarray(W)
+    quant = _quantized_gram(W)
+    if quant is None:
+        return None
+    Gq, gstep, geps, wmax = quant
     n, d = xc.shape
     js = np.empty((n, k), dtype=np.int64)
     cs = np.empty((n, k), dtype=xc.dtype)
     act = np.empty((n, k), dtype=np.bool_)
     r = np.empty_like(xc)
+    if n_checked is None:
+        n_checked = np.empty(n, dtype=np.int64)
     use_tol = tol is not None
-    _nb().mp_gram(np.ascontiguousarray(C), np.ascontiguousarray(xc), np.ascontiguousarray(W), Gm, k,
-                  float(tol) if use_tol else 0.0, use_tol, js, cs, act, r)
+    u = float(np.finfo(W.dtype).eps) / 2
+    C = np.ascontiguousarray(C)
+    bits, mask = (np.int32, np.int32(0x7FFFFFFF)) if W.dtype == np.float32 else (np.int64, np.int64(2**63 - 1))
+    BM = np.empty((n, -(-W.shape[0] // _nb()._BLOCK)), dtype=W.dtype)
+    _nb().mp_gram_q(C, C.view(bits), mask, np.ascontiguousarray(xc), W, Gq, W.dtype.type(gstep), geps, wmax, u, k,
+                    float(tol) if use_tol else 0.0, use_tol, js, cs, act, r, BM, BM.view(bits), n_checked)
     return js, cs, (act if use_tol else None), r
+
+
+def _quantized_gram(W):
+    """``(Gq, gstep, geps, wmax)``: the Gram matrix ``W @ W.T`` as int16 ``Gq`` (m, m) with
+    ``|Gq * gstep - <w_i, w_j>| <= geps`` for every entry, and a bound ``wmax`` on the row
+    norms; None if ``W`` has non-finite or only zero rows. BLAS syrk computes one triangle
+    (half the multiply-adds of the product) into a buffer kept between calls (allocating
+    85 MB afresh each step cost ~7 ms in page faults at d_sae 4608); Numba passes quantize
+    and mirror it. The step is ``max ||w_i||^2 / 32767`` (Cauchy-Schwarz: no entry is
+    larger), so ``geps`` is half a step plus the product's rounding: ~1.5e-5 for unit rows.
+    ``Gq`` is the thread's buffer too: valid until the next call."""
+    from . import _sae_numba as nb_
+
+    m, d = W.shape
+    u = float(np.finfo(W.dtype).eps) / 2
+    prod_rel = 2.0 * (d + 2) * u  # |fl(<w_i, w_j>) - <w_i, w_j>| <= ~d u ||w_i|| ||w_j||, x2
+    if m >= 64:
+        from scipy.linalg import blas
+
+        syrk = blas.ssyrk if W.dtype == np.float32 else blas.dsyrk
+        # W.T is (d, m) in Fortran order (no copy); syrk(trans=1) gives W @ W.T, upper
+        # triangle, Fortran order, i.e. the lower triangle of its C-order transpose
+        buf = _thread_buffer("gram", (m, m), W.dtype, "F")
+        A = syrk(1.0, W.T, trans=1, lower=0, beta=0.0, c=buf, overwrite_c=1).T
+    else:
+        A = W @ W.T
+    # the largest squared row norm, from the diagonal, bounded above for its rounding
+    gmax = float(np.max(np.diagonal(A))) * (1.0 + prod_rel)
+    if not np.isfinite(gmax) or gmax <= 0.0:
+        return None
+    prod_err = prod_rel * gmax
+    scale = nb_._QMAX / (gmax + prod_err)  # so that no computed entry needs clipping
+    Gq = _thread_buffer("gram_q", (m, m), np.int16, "C")
+    _nb().mirror_lower(_nb().quantize_lower(A, W.dtype.type(scale), Gq))
+    gstep = 1.0 / scale
+    geps = gstep * (0.5 + 2 * nb_._QMAX * u) + prod_err  # rounding to the step, of A * scale, A's own
+    return Gq, gstep, geps, math.sqrt(gmax)
+
+
+_BUFFERS = threading.local()
+
+
+def _thread_buffer(name, shape, dtype, order):
+    """A scratch array of this thread kept between calls (replaced when the shape or dtype
+    changes; :func:`release_buffers` drops them)."""
+    bufs = _BUFFERS.__dict__.setdefault("arrays", {})
+    a = bufs.get(name)
+    if a is None or a.shape != shape or a.dtype != np.dtype(dtype) or not a.flags[order + "_CONTIGUOUS"]:
+        bufs[name] = None  # free the old one first
+        a = bufs[name] = np.empty(shape, dtype=dtype, order=order)
+    return a
+
+
+def release_buffers():
+    """Drop this thread's scratch arrays (MP-SAE's Gram matrices: 6 m^2 bytes for d_sae m);
+    :func:`train_sae` calls it when training ends."""
+    _BUFFERS.__dict__.pop("arrays", None)
 
 
 @register_kernel("sae_ks_dense_sum", "numpy")

@@ -480,6 +480,7 @@ def train_sae(data, d_sae, architecture="topk", k=32, *, n_tokens=None, n_steps=
     finally:
         if bar is not None:
             bar.close()
+        sae_mod.release_buffers()  # MP-SAE's Gram scratch: not kept past training
     if state["n_skipped"]:
         warnings.warn(f"{state['n_skipped']} batch(es) with NaN/Inf were skipped", RuntimeWarning, stacklevel=2)
     model.input_scale = norm_scale

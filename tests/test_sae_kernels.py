@@ -124,11 +124,11 @@ def test_batch_top_k_mask_matches_portable(ties, monkeypatch):
 # --------------------------------------------------------------------------- matching pursuit
 @pytest.mark.parametrize("mp_tol", [None, 2.0])
 @pytest.mark.parametrize("dt", ["float32", "float64"])
-def test_mp_gram_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
+def test_mp_pursuit_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
     sae = sae_mod.SparseAutoencoder.initialize(16, 40, "mpsae", k=6, seed=0, dtype=dt, mp_tol=mp_tol)
     X = np.random.default_rng(1).standard_normal((30, 16)).astype(dt)  # k * n > d_sae: Gram branch
     codes, r, steps = sae_mod._mp_forward(sae, X, np, record=True)
-    _portable("sae_mp_gram", monkeypatch)
+    _portable("sae_mp_pursuit", monkeypatch)
     codes0, r0, steps0 = sae_mod._mp_forward(sae, X, np, record=True)
     tol = dict(rtol=1e-5, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(codes, codes0, **tol)
@@ -140,30 +140,128 @@ def test_mp_gram_kernel_matches_portable_loop(mp_tol, dt, monkeypatch):
         assert (a is None) == (a0 is None) and (a is None or np.array_equal(a, a0))
 
 
-def test_mp_gram_kernel_same_atoms_float32_at_size(monkeypatch):
-    # many steps over many atoms in float32: the kernel must do the portable arithmetic in the
-    # input's precision (a float64 coefficient once chose other atoms for most rows)
-    sae = sae_mod.SparseAutoencoder.initialize(96, 768, "mpsae", k=24, seed=0, dtype="float32")
-    X = np.random.default_rng(2).standard_normal((64, 96)).astype("float32")
-    _, r, steps = sae_mod._mp_forward(sae, X, np, record=True)
-    _portable("sae_mp_gram", monkeypatch)
-    _, r0, steps0 = sae_mod._mp_forward(sae, X, np, record=True)
-    for (j, c, _, _), (j0, c0, _, _) in zip(steps, steps0):
-        np.testing.assert_array_equal(j, j0)
-        np.testing.assert_array_equal(c, c0)
-    np.testing.assert_array_equal(r, r0)
+def _exact_mp(X, W, k):
+    """Matching pursuit in float64 with correlations recomputed from the residual each step:
+    atoms, coefficients and, per step, the gap between the two largest |correlations|."""
+    R = X.astype(np.float64)
+    W = W.astype(np.float64)
+    rows = np.arange(len(X))
+    js, cs, gaps = [], [], []
+    for _ in range(k):
+        C = R @ W.T
+        a = np.abs(C)
+        j = np.argmax(a, axis=1)
+        top2 = np.sort(a, axis=1)[:, -2:] if W.shape[0] > 1 else np.concatenate([a, a * 0], 1)
+        gaps.append(top2[:, 1] - top2[:, 0])
+        c = C[rows, j]
+        R -= c[:, None] * W[j]
+        js.append(j)
+        cs.append(c)
+    return np.stack(js, 1), np.stack(cs, 1), np.stack(gaps, 1)
+
+
+def _pursuit(X, W, k, tol=None):
+    n_checked = np.zeros(len(X), dtype=np.int64)
+    out = sae_mod._mp_pursuit_np(X @ W.T, X, W, k, tol, n_checked=n_checked)
+    assert out is not None
+    return out + (n_checked,)
+
+
+def _assert_exact_mp_atoms(js, cs, X, W, k, dt, min_full=0.5):
+    """The kernel's atoms equal exact matching pursuit's in every row up to the first step
+    where the exact top two are closer than the float residual's rounding (there either is
+    right; the paths may part), and its coefficients equal the exact ones to rounding."""
+    js0, cs0, gaps = _exact_mp(X, W, k)
+    scale = np.linalg.norm(X.astype(np.float64), axis=1)[:, None]
+    resolvable = gaps > (1e-5 if dt == "float32" else 1e-12) * scale
+    upto = np.where(resolvable.all(1), k, np.argmin(resolvable, axis=1))
+    rtol = 1e-4 if dt == "float32" else 1e-10
+    for i in range(len(X)):
+        t = upto[i]
+        np.testing.assert_array_equal(js[i, :t], js0[i, :t])
+        np.testing.assert_allclose(cs[i, :t], cs0[i, :t], rtol=rtol, atol=rtol * scale[i, 0])
+    assert np.mean(upto == k) >= min_full  # the share of rows compared over all k steps
+    return upto
+
+
+@settings(**SETTINGS)
+@given(n=st.integers(1, 40), d=st.integers(2, 40), m=st.integers(2, 160), k=st.integers(1, 12),
+       seed=st.integers(0, 10_000), dt=st.sampled_from(["float32", "float64"]))
+def test_mp_pursuit_kernel_is_exact_matching_pursuit(n, d, m, k, seed, dt):
+    # atoms selected through the int16 Gram are those of exact MP (the selection is
+    # certified against exact correlations), whatever the shapes and precision
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((m, d))
+    W = (W / np.linalg.norm(W, axis=1, keepdims=True)).astype(dt)
+    X = rng.standard_normal((n, d)).astype(dt)
+    js, cs, _, r, _ = _pursuit(X, W, k)
+    _assert_exact_mp_atoms(js, cs, X, W, k, dt, min_full=0.0)  # tiny d: residuals vanish, ties
+    codes = np.zeros((n, m))
+    np.add.at(codes, (np.repeat(np.arange(n), k), js.ravel()), cs.ravel().astype(np.float64))
+    np.testing.assert_allclose(r, X - codes @ W, atol=1e-4 if dt == "float32" else 1e-10)
 
 
 @pytest.mark.parametrize("dt", ["float32", "float64"])
-@pytest.mark.parametrize("m", [64, 200])
-def test_gram_kernel_matches_product(dt, m, monkeypatch):
-    W = np.random.default_rng(3).standard_normal((m, 24)).astype(dt)
-    G = sae_mod._gram(W, np)
-    assert G.flags.c_contiguous and G.shape == (m, m)
-    np.testing.assert_array_equal(G, G.T)  # exactly symmetric (mirrored)
-    _portable("sae_gram", monkeypatch)
-    tol = dict(rtol=1e-5, atol=1e-5) if dt == "float32" else dict(rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(G, sae_mod._gram(W, np), **tol)
+def test_mp_pursuit_kernel_resolves_near_duplicate_atoms(dt):
+    # pairs of atoms closer than the int16 Gram can tell apart: the approximate correlations
+    # of a pair differ by less than their error, so the kernel must check both exactly
+    # (an error bound too small would pick by the rounded values and miss exact MP's atom)
+    rng = np.random.default_rng(7)
+    d, half = 48, 192
+    B = rng.standard_normal((half, d))
+    B /= np.linalg.norm(B, axis=1, keepdims=True)
+    P = B + 1e-4 * rng.standard_normal((half, d))
+    W = np.concatenate([B, P / np.linalg.norm(P, axis=1, keepdims=True)]).astype(dt)
+    X = rng.standard_normal((128, d)).astype(dt)
+    js, cs, _, _, checked = _pursuit(X, W, 16)
+    assert checked.sum() > 0.5 * X.shape[0] * 16  # most steps had two candidates
+    upto = _assert_exact_mp_atoms(js, cs, X, W, 16, dt, min_full=0.0)
+    assert upto.mean() > 4  # pairs 1e-4 apart: the exact top two are often closer than 1e-5 |x|
+    assert np.mean(js == _exact_mp(X, W, 16)[0]) > 0.95
+
+
+def test_mp_pursuit_kernel_same_atoms_float32_at_size(monkeypatch):
+    # many steps over many atoms in float32, against the portable float32 loop: equal atoms
+    # wherever the exact top two are apart, coefficients equal to rounding
+    sae = sae_mod.SparseAutoencoder.initialize(96, 768, "mpsae", k=24, seed=0, dtype="float32")
+    X = np.random.default_rng(2).standard_normal((64, 96)).astype("float32")
+    js, cs, _, r, checked = _pursuit(X, sae.W_dec, 24)
+    _assert_exact_mp_atoms(js, cs, X, sae.W_dec, 24, "float32")
+    _, r0, steps0 = sae_mod._mp_forward(sae, X, np, record=True)  # the kernel, through the model
+    np.testing.assert_array_equal(r, r0)
+    _portable("sae_mp_pursuit", monkeypatch)
+    _, r1, steps1 = sae_mod._mp_forward(sae, X, np, record=True)
+    js1 = np.stack([s[0] for s in steps1], 1)
+    assert np.mean(np.all(js1 == js, axis=1)) > 0.9
+    same = np.all(js1 == js, axis=1)
+    np.testing.assert_allclose(r1[same], r[same], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+@pytest.mark.parametrize("m", [5, 64, 200])
+def test_quantized_gram_within_its_bound(dt, m):
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((m, 24)) * rng.uniform(0.2, 2.0, (m, 1))).astype(dt)  # rows of any norm
+    sae_mod._quantized_gram(rng.standard_normal((m, 24)).astype(dt) * 5)  # the kept buffers, filled before
+    Gq, gstep, geps, wmax = sae_mod._quantized_gram(W)
+    assert Gq.dtype == np.int16 and Gq.shape == (m, m) and Gq.flags.c_contiguous
+    np.testing.assert_array_equal(Gq, Gq.T)  # exactly symmetric (mirrored)
+    exact = W.astype(np.float64) @ W.T.astype(np.float64)
+    assert np.sqrt(np.max(np.diag(exact))) <= wmax <= np.sqrt(np.max(np.diag(exact))) * (1 + 1e-4)
+    err = np.abs(Gq * gstep - exact)
+    assert err.max() <= geps
+    assert geps < 1e-4 * np.max(np.diag(exact))  # ~half a step of 1 / 32767
+    assert np.abs(Gq).max() >= 32700  # the largest entry uses the whole range
+
+
+def test_quantized_gram_refuses_non_finite_or_zero_decoder(monkeypatch):
+    W = np.random.default_rng(0).standard_normal((70, 8)).astype(np.float32)
+    Wn = W.copy()
+    Wn[3, 2] = np.nan
+    assert sae_mod._quantized_gram(Wn) is None
+    assert sae_mod._quantized_gram(np.zeros_like(W)) is None
+    X = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    assert sae_mod._mp_pursuit_np(X @ Wn.T, X, Wn, 3, None) is None  # the portable loop then runs
 
 
 @pytest.mark.parametrize("dt", ["float32", "float64"])
