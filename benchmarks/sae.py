@@ -478,17 +478,19 @@ def main(argv=None):
             thr += part_throughput(args, np.asarray(src), n)
     qual = [] if args.skip_quality else part_quality(args, src, hold, d_in)
     png = os.path.join(args.out, "sae_frontier.png" if not args.quick else "sae_frontier_quick.png")
-    if qual:
-        plot(qual, png, desc)
     path = os.path.join(args.out, "sae_benchmark.json" if not args.quick else "sae_benchmark_quick.json")
     out = {"data": desc, "throughput": thr, "quality": qual}
-    if os.path.isfile(path) and (args.skip_quality or args.skip_throughput):
-        with open(path) as fh:  # a partial run keeps the other part's last results
+    if os.path.isfile(path):  # a partial run keeps the last results of what it did not run
+        with open(path) as fh:
             old = json.load(fh)
-        if args.skip_quality:
-            out["quality"] = old.get("quality", [])
-        if args.skip_throughput:
-            out["throughput"] = old.get("throughput", [])
+        same_data = old.get("data") == desc
+        for part, skipped in (("throughput", args.skip_throughput), ("quality", args.skip_quality)):
+            if skipped:
+                out[part] = old.get(part, [])
+            elif same_data:  # rows of encoders not run this time (--encoders), in the last run's order
+                out[part] = [r for r in old.get(part, []) if r["encoder"].split("@")[0] not in args.encoders] + out[part]
+    if qual:
+        plot(out["quality"], png, desc)
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1, default=float)
     print(f"\nsaved {png}; total {time.perf_counter() - t0:.0f} s")
