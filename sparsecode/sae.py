@@ -116,6 +116,10 @@ def canonical_architecture(name: str) -> str:
 # correct everywhere); the NumPy kernels switch to scipy.sparse when few entries are non-zero,
 # which is what makes a TopK training step cost about one dense product on the CPU.
 _SPARSE_DENSITY = 0.08
+# MP-SAE keeps its correlations up to date through the decoder's Gram matrix (d_sae^2
+# entries, with an int16 copy on NumPy) only up to this size: d_sae 32768 in float32. Past it
+# every pursuit step recomputes them from the residual (k products per batch instead).
+MP_GRAM_MAX_BYTES = 4 * 2**30
 
 
 def _codes_matmul(F, W, xp):
@@ -1026,8 +1030,9 @@ def _mp_forward(sae, xc, xp, record=False, dense=True):
     js, cs = [], []
     positive = False  # MP-SAE codes are signed (bidirectional atoms), as in classical MP
     # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
-    # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae); same atoms either way.
-    use_gram = int(sae.k) * n > m
+    # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae) and fits in memory
+    # (MP_GRAM_MAX_BYTES); same atoms either way.
+    use_gram = int(sae.k) * n > m and m * m * W.dtype.itemsize <= MP_GRAM_MAX_BYTES
     C = r @ W.T
     kern = get_kernel("sae_mp_pursuit", xp) if use_gram else None
     out = kern(C, xc, W, int(sae.k), sae.mp_tol) if kern is not None else None

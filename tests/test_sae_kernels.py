@@ -220,6 +220,22 @@ def test_mp_pursuit_kernel_resolves_near_duplicate_atoms(dt):
     assert np.mean(js == _exact_mp(X, W, 16)[0]) > 0.95
 
 
+def test_mp_without_gram_past_memory_cap_same_atoms(monkeypatch):
+    # a Gram matrix too large for MP_GRAM_MAX_BYTES: correlations recomputed each step, and
+    # the same atoms and coefficients as through the (certified) Gram kernel
+    sae = sae_mod.SparseAutoencoder.initialize(24, 300, "mpsae", k=10, seed=0, dtype="float64")
+    X = np.random.default_rng(4).standard_normal((200, 24))
+    (idx, vals), r, _ = sae_mod._mp_forward(sae, X, np, dense=False)
+    calls = []
+    monkeypatch.setattr(sae_mod, "MP_GRAM_MAX_BYTES", 300 * 300 * 8 - 1)
+    monkeypatch.setitem(backend._KERNELS, ("sae_mp_pursuit", "numpy"), lambda *a, **kw: calls.append(1))
+    (idx0, vals0), r0, _ = sae_mod._mp_forward(sae, X, np, dense=False)
+    assert not calls  # the Gram kernel was not asked
+    np.testing.assert_array_equal(idx, idx0)
+    np.testing.assert_allclose(vals, vals0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r, r0, rtol=1e-12, atol=1e-12)
+
+
 def test_mp_pursuit_kernel_same_atoms_float32_at_size(monkeypatch):
     # many steps over many atoms in float32, against the portable float32 loop: equal atoms
     # wherever the exact top two are apart, coefficients equal to rounding
