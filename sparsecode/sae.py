@@ -1032,7 +1032,7 @@ def _mp_forward(sae, xc, xp, record=False, dense=True):
     # correlations c = r @ W.T: recomputed each step, or updated through the Gram matrix
     # (C <- C - c_j G[j]) when that is cheaper (k * n > d_sae) and fits in memory
     # (MP_GRAM_MAX_BYTES); same atoms either way.
-    use_gram = int(sae.k) * n > m and m * m * W.dtype.itemsize <= MP_GRAM_MAX_BYTES
+    use_gram = int(sae.k) * n > m and m * m * (xp.finfo(W.dtype).bits // 8) <= MP_GRAM_MAX_BYTES
     C = r @ W.T
     kern = get_kernel("sae_mp_pursuit", xp) if use_gram else None
     out = kern(C, xc, W, int(sae.k), sae.mp_tol) if kern is not None else None
