@@ -763,6 +763,7 @@ if _numba_available():
     def _mp_numba(X, Dn, G, alpha0, thr, selectable, steps, tol, positive, nblocks, codes, err, n_steps, exhausted):
         n, f = X.shape
         k = G.shape[0]
+        blocked = np.logical_not(selectable)
         for blk in numba.prange(nblocks):
             lo = (blk * n) // nblocks
             hi = ((blk + 1) * n) // nblocks
@@ -777,14 +778,7 @@ if _numba_available():
                     alpha[q] = alpha0[i, q]
                 t = 0
                 while t < steps and e > tol and e > 0:
-                    best = -1.0
-                    jb = -1
-                    for q in range(k):
-                        if selectable[q]:
-                            v = alpha[q] if positive else abs(alpha[q])
-                            if v > best:
-                                best = v
-                                jb = q
+                    best, jb = _next_atom(alpha, blocked, not positive)
                     if jb < 0 or best <= thr[i]:
                         exhausted[i] = True
                         break
