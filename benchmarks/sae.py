@@ -32,7 +32,7 @@ How to read the rows:
 * MP-SAE has no encoder weights: its encoder is k sequential pursuit steps, each needing the
   correlations of the residual with all atoms, kept up to date through the Gram matrix
   ``W_dec @ W_dec.T`` (d_sae^2 d_in multiply-adds, half by BLAS syrk) plus k (n, d_sae)
-  updates that read one Gram row per token (memory-bound). Its row also prints a second,
+  updates that read one Gram row per token (as int16 on NumPy). Its row also prints a second,
   labelled yardstick (``mp_min_s`` / ``mp_ratio``): the correlations ``X @ W_dec.T``, the Gram
   matrix, and the decoder and its gradient on the k selected rows per token.
 

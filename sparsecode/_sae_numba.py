@@ -523,7 +523,7 @@ def threshold_backward(g, z, thr, add, half_bw, gsum, gband):
 # --------------------------------------------------------------------------- matching pursuit, more
 @nb.njit(parallel=True, **_FLAGS)
 def mp_backward(W, js, cs, act, use_tol, r, scale, g_r_out, acc):
-    """The backward pass of :func:`mp_gram`, per row and in reverse step order, as the
+    """The backward pass of :func:`mp_gram_q`, per row and in reverse step order, as the
     portable loop of ``sae.loss_and_grad`` (MP-SAE): ``g_r = scale * r``; step ``t``:
     ``g_c = -g_r . W[j]`` (0 where inactive), the row ``-c g_r + g_c r_t`` added to
     ``W_dec[j]``'s gradient, ``g_r += g_c W[j]``. The residual before step ``t`` is recovered

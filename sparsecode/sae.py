@@ -1186,8 +1186,6 @@ def _quantized_gram(W):
     and mirror it. The step is ``max ||w_i||^2 / 32767`` (Cauchy-Schwarz: no entry is
     larger), so ``geps`` is half a step plus the product's rounding: ~1.5e-5 for unit rows.
     ``Gq`` is the thread's buffer too: valid until the next call."""
-    from . import _sae_numba as nb_
-
     m, d = W.shape
     u = float(np.finfo(W.dtype).eps) / 2
     prod_rel = 2.0 * (d + 2) * u  # |fl(<w_i, w_j>) - <w_i, w_j>| <= ~d u ||w_i|| ||w_j||, x2
@@ -1206,11 +1204,11 @@ def _quantized_gram(W):
     if not np.isfinite(gmax) or gmax <= 0.0:
         return None
     prod_err = prod_rel * gmax
-    scale = nb_._QMAX / (gmax + prod_err)  # so that no computed entry needs clipping
+    scale = _nb()._QMAX / (gmax + prod_err)  # so that no computed entry needs clipping
     Gq = _thread_buffer("gram_q", (m, m), np.int16, "C")
     _nb().mirror_lower(_nb().quantize_lower(A, W.dtype.type(scale), Gq))
     gstep = 1.0 / scale
-    geps = gstep * (0.5 + 2 * nb_._QMAX * u) + prod_err  # rounding to the step, of A * scale, A's own
+    geps = gstep * (0.5 + 2 * _nb()._QMAX * u) + prod_err  # rounding to the step, of A * scale, A's own
     return Gq, gstep, geps, math.sqrt(gmax)
 
 
